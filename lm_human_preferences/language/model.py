@@ -160,7 +160,8 @@ class ScalarHead(nn.Module):
             self.b.zero_()
 
     def forward(self, h):  # (B, s, C) -> (B, s), float32
-        return h.float() @ self.w.float() + self.b.float()
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return h.float() @ self.w.float() + self.b.float()
 
 
 def head_init_std(name: str, n_embd: int) -> float:

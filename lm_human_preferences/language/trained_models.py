@@ -159,8 +159,13 @@ def load_model(initial_model: str, scalar_heads=(), n_vocab: int | None = None, 
     else:
         model_dir = resolve_model_dir(initial_model)
         config = read_model_config(model_dir)
+        if n_vocab is not None and config.n_vocab != n_vocab:
+            raise CheckpointError(f"model {initial_model!r} has n_vocab={config.n_vocab} but the encoding has "
+                                  f"{n_vocab} tokens; use the matching encoding or model")
         model = GPT2(config, scalar_heads)
         sd = read_state_dict(model_dir / "model.safetensors")
+        # heads the caller did not ask for (a policy's value head when loading a reward model) are dropped
+        sd = {k: v for k, v in sd.items() if not k.startswith("heads.") or k.split(".")[1] in scalar_heads}
         check_state_dict(model, sd)
         model.load_state_dict(sd, strict=False)
     if n_vocab is not None and model.config.n_vocab != n_vocab:

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""The command line of the port.
+
+    python launch.py train_reward <experiment> <name> [--save_dir runs] [--dry_run] [--resume|--overwrite] [--key value ...]
+    python launch.py train_policy <experiment> <name> [--save_dir runs] [--dry_run] [--resume|--overwrite] [--key value ...]
+    python launch.py sample <run_dir> [--temperature T] [--nsamples N] [--batch_size B] [--seed S] [--no-score] [--out PATH]
+    python launch.py demo [demo arguments ...]
+    python launch.py plot <run_dir> [--out DIR]
+
+Experiments are defined in params.py. Every other ``--dotted.key value`` (or ``--dotted.key=value``) of a
+training command overrides one hyperparameter, e.g. ``--ppo.lr 1e-5 --rewards.adaptive_kl off``; the run
+directory is ``<save_dir>/<name>``. For several GPUs run it under torchrun
+(``torchrun --nproc_per_node 8 launch.py train_policy sentiment my_run``).
+
+Invalid experiments, keys or values print ``error: <message>`` and exit with status 2 before any work.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import params
+from lm_human_preferences.utils.hyperparams import HParamsError
+
+TRAIN_COMMANDS = ('train_reward', 'train_policy')
+_LAUNCHER_FLAGS = ('--dry_run', '--resume', '--overwrite', '-h', '--help')
+_LAUNCHER_OPTIONS = ('--save_dir',)  # launcher flags that take a value
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """A command line that cannot run; printed as ``error: <message>`` with exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command (hyperparameter overrides are split off before parsing)."""
+    parser = argparse.ArgumentParser(
+        prog='launch.py', description='Fine-tuning GPT-2 from human preferences (a PyTorch port of '
+        'openai/lm-human-preferences).')
+    commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+    for command, what in (('train_reward', 'train a reward model from human labels'),
+                          ('train_policy', 'train a policy with PPO (training its reward model first, unless '
+                                           '--rewards.trained_model is given)')):
+        p = commands.add_parser(
+            command, help=what, description=f'{what[0].upper()}{what[1:]}. Any other --dotted.key VALUE '
+            'overrides that hyperparameter (see --dry_run for all keys).')
+        p.add_argument('experiment', help='experiment name from params.py (e.g. sentiment, tldr, test)')
+        p.add_argument('name', help='run name; the run directory is <save_dir>/<name>')
+        p.add_argument('--save_dir', default='runs', help='parent directory of run directories (default: runs)')
+        p.add_argument('--dry_run', action='store_true', help='print the resolved hyperparameters and exit')
+        p.add_argument('--resume', action='store_true', help='continue the run from its latest checkpoint')
+        p.add_argument('--overwrite', action='store_true', help='delete an existing run directory first')
+
+    p = commands.add_parser('sample', help='sample (and score) from a trained policy run',
+                            description='Sample queries from the task test set and print the policy responses.')
+    p.add_argument('run_dir', help='directory of a train_policy run')
+    p.add_argument('--temperature', type=_positive_float, default=None,
+                   help='sampling temperature (default: the training temperature)')
+    p.add_argument('--nsamples', type=_positive_int, default=8, help='number of samples (default: 8)')
+    p.add_argument('--batch_size', type=_positive_int, default=4, help='queries per batch (default: 4)')
+    p.add_argument('--seed', type=int, default=None, help='random seed (default: random)')
+    p.add_argument('--score', action=argparse.BooleanOptionalAction, default=True,
+                   help="score responses with the run's reward model (default: on)")
+    p.add_argument('--out', default=None, help='also write the samples to this JSON file')
+
+    commands.add_parser('demo', add_help=False, help='the end-to-end demo; arguments go to the demo '
+                        '(see: launch.py demo --help)')
+
+    p = commands.add_parser('plot', help='plot the logged metrics of a run')
+    p.add_argument('run_dir', help='directory of a train_reward or train_policy run')
+    p.add_argument('--out', default=None, help='output directory for the figures (default: <run_dir>/plots)')
+    return parser
+
+
+def split_overrides(args: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
+    """Splits the arguments of a training command into launcher arguments and ``{dotted key: value}``
+    hyperparameter overrides (``--key value`` or ``--key=value``; a key given twice keeps the last)."""
+    launcher: List[str] = []
+    overrides: Dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag = arg.split('=', 1)[0]
+        if flag in _LAUNCHER_FLAGS or flag in _LAUNCHER_OPTIONS:
+            launcher.append(arg)
+            if flag in _LAUNCHER_OPTIONS and '=' not in arg and i + 1 < len(args):
+                launcher.append(args[i + 1])
+                i += 1
+        elif arg.startswith('--') and len(arg) > 2:
+            key, has_value, value = arg[2:].partition('=')
+            if not has_value:
+                if i + 1 >= len(args) or args[i + 1].startswith('--'):
+                    raise UsageError(f"--{key} needs a value (write --{key}=VALUE for a value starting "
+                                     f"with '--')")
+                value = args[i + 1]
+                i += 1
+            if key in overrides:
+                print(f'warning: --{key} given twice; using {value!r}', file=sys.stderr)
+            overrides[key] = value
+        else:
+            launcher.append(arg)
+        i += 1
+    return launcher, overrides
+
+
+def build_run_hparams(command: str, args: argparse.Namespace, overrides: Dict[str, str]):
+    """The validated hyperparameters of a training run, with ``run.save_dir = <save_dir>/<name>``."""
+    if args.resume and args.overwrite:
+        raise UsageError('--resume and --overwrite exclude each other: resume continues the run, overwrite '
+                         'deletes it first')
+    if 'run.save_dir' in overrides:
+        raise UsageError('the run directory is <save_dir>/<name>: pass --save_dir DIR and a run name instead '
+                         'of --run.save_dir')
+    if not args.name.strip() or os.path.isabs(args.name) or '..' in args.name.split(os.sep):
+        raise UsageError(f'run name {args.name!r} must be a relative name without ".." (it becomes '
+                         f'<save_dir>/<name>)')
+    with warnings.catch_warnings():
+        warnings.simplefilter('always', DeprecationWarning)  # show deprecated keys to the user
+        hparams = params.get_hparams(command, args.experiment, overrides)
+    hparams.override_from_dict({'run.save_dir': os.path.join(args.save_dir, args.name)})
+    return hparams
+
+
+def run_training(command: str, argv: Sequence[str]) -> int:
+    """train_reward / train_policy: build the hyperparameters, then train (or print them with --dry_run)."""
+    launcher_args, overrides = split_overrides(argv)
+    args = build_parser().parse_args([command, *launcher_args])
+    hparams = build_run_hparams(command, args, overrides)
+    if args.dry_run:
+        print(f'{command} {args.experiment} {args.name}: dry run, resolved hyperparameters:')
+        hparams.dump()
+        return 0
+    if command == 'train_reward':
+        from lm_human_preferences import train_reward as trainer
+    else:
+        from lm_human_preferences import train_policy as trainer
+    try:
+        trainer.train(hparams, resume=args.resume, overwrite=args.overwrite)
+    except (HParamsError, FileExistsError) as e:  # raised by the trainer's checks before it does any work
+        raise UsageError(str(e)) from e
+    return 0
+
+
+def _existing_dir(path: str) -> str:
+    """Returns ``path`` if it is a directory; UsageError otherwise."""
+    if not os.path.isdir(path):
+        raise UsageError(f'run directory {path!r} does not exist')
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs one command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in TRAIN_COMMANDS:
+            return run_training(argv[0], argv[1:])
+        if argv and argv[0] == 'demo':
+            from lm_human_preferences import demo
+            return demo.main(argv[1:]) or 0
+        args = build_parser().parse_args(argv)
+        run_dir = _existing_dir(args.run_dir)
+        if args.command == 'sample':
+            from lm_human_preferences import sample
+            sample.main(run_dir=run_dir, temperature=args.temperature, nsamples=args.nsamples,
+                        batch_size=args.batch_size, seed=args.seed, score=args.score, out=args.out)
+        else:
+            from lm_human_preferences.utils import plotting
+            plotting.plot_run(run_dir, args.out)
+        return 0
+    except (UsageError, HParamsError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == '__main__':
+    sys.exit(main())

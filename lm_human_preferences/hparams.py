@@ -1,0 +1,272 @@
+"""Every hyperparameter struct of the port: names and defaults of the original (ORIGINAL §3.1) plus the
+port's run options. The experiments that fill them in live in the top-level ``params.py``.
+
+Batch sizes are global (summed over ranks), as in the original; :func:`check_world_size` checks that
+they split evenly over the ranks of a run.
+"""
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, Literal, Optional
+
+from lm_human_preferences.utils.hyperparams import HParams, HParamsError
+
+LABEL_TYPE_PATTERN = r'best_of_\d+|scalar_rating|scalar_compare'
+MIN_WHITEN_ROWS = 8  # the original refuses to whiten rewards over fewer rows than this
+
+
+@dataclass
+class RunHParams(HParams):
+    seed: Optional[int] = None  # random seed; None = a fresh random seed
+    log_interval: int = 10  # log statistics (and print samples) every N steps
+    save_interval: int = 50  # PPO: save a checkpoint every N updates (unused by reward training)
+    save_dir: Optional[str] = None  # run directory; launch.py sets it to <save_dir>/<name>; None = save nothing
+    device: Literal['auto', 'cpu', 'cuda'] = 'auto'  # 'auto' = cuda when available, else cpu
+    precision: Literal['auto', 'fp32', 'bf16'] = 'auto'  # 'auto' = bf16 autocast on cuda, fp32 on cpu
+    wandb: Literal['auto', 'online', 'offline', 'disabled'] = 'auto'  # 'auto' = online if logged in, else offline
+    wandb_project: str = 'lm-human-preferences'  # wandb project name
+    keep_checkpoints: int = 3  # how many of the latest checkpoints to keep on disk
+    rollout_micro_batch: Optional[int] = None  # per-rank chunk for no-grad sampling/scoring; None = whole batch
+    train_micro_batch: Optional[int] = None  # per-rank gradient-accumulation chunk; None = whole minibatch
+    compile: bool = False  # wrap the model in torch.compile
+    eval_interval: int = 0  # reward model: held-out evaluation every N steps; 0 = only at the end
+
+    def _validate(self, prefix: str) -> None:
+        for name in ('log_interval', 'save_interval', 'keep_checkpoints', 'rollout_micro_batch',
+                     'train_micro_batch'):
+            self._require_at_least(prefix, name, 1)
+        self._require_at_least(prefix, 'eval_interval', 0)
+
+
+@dataclass
+class PolicyHParams(HParams):
+    temperature: float = 1.0  # logits are divided by this everywhere: sampling, logprobs, KL, entropy
+    initial_model: Optional[str] = None  # pretrained model: '124M' etc., a model directory, or 'test'
+
+    def _validate(self, prefix: str) -> None:
+        self._require(prefix, 'initial_model')
+        if not self.temperature > 0:
+            raise HParamsError(f"'{prefix}temperature' must be > 0, got {self.temperature!r}")
+
+
+@dataclass
+class TaskHParams(HParams):
+    # Query
+    query_length: Optional[int] = None  # tokens of raw query after trimming and padding (required)
+    query_dataset: Optional[str] = None  # 'books', 'cnndm', 'tldr' or 'test' (required)
+    query_prefix: str = ''  # text encoded and prepended to the query to form the policy's context
+    query_suffix: str = ''  # text encoded and appended to the (padded) query
+    start_text: Optional[str] = '.'  # if set, the query starts right after this (single-token) text
+    end_text: Optional[str] = None  # if set, the query is cut after the last occurrence of this token
+    # Response
+    response_length: Optional[int] = None  # T, the number of sampled tokens (required)
+    truncate_token: Optional[int] = None  # post-processing: truncate the response after this token id
+    truncate_after: int = 0  # first response index at which the truncate token counts
+    penalty_reward_value: int = -1  # score given to a response without the truncate token
+    policy: PolicyHParams = field(default_factory=PolicyHParams)
+
+    def _validate(self, prefix: str) -> None:
+        self._require(prefix, 'query_length', 'query_dataset', 'response_length')
+        self._require_at_least(prefix, 'query_length', 1)
+        self._require_at_least(prefix, 'response_length', 1)
+        self._require_at_least(prefix, 'truncate_after', 0)
+        self._require_at_least(prefix, 'truncate_token', 0)
+
+
+@dataclass
+class LabelHParams(HParams):
+    type: Optional[str] = None  # 'best_of_4' (any best_of_N), 'scalar_rating' or 'scalar_compare'
+    num_train: Optional[int] = None  # how many labels to train on (one epoch)
+    source: Optional[str] = None  # URL or path of the label JSON file, or 'test'
+
+    def _validate(self, prefix: str) -> None:
+        self._require(prefix, 'type', 'num_train', 'source')
+        if not re.fullmatch(LABEL_TYPE_PATTERN, self.type):
+            raise HParamsError(f"'{prefix}type' = {self.type!r} is not a label type: use best_of_N "
+                               f"(e.g. 'best_of_4'), 'scalar_rating' or 'scalar_compare'")
+        self._require_at_least(prefix, 'num_train', 1)
+
+
+@dataclass
+class TrainRewardHParams(HParams):
+    run: RunHParams = field(default_factory=RunHParams)
+    task: TaskHParams = field(default_factory=TaskHParams)
+    labels: LabelHParams = field(default_factory=LabelHParams)
+
+    batch_size: int = 40  # labels per optimizer step, summed over ranks
+    lr: float = 5e-5  # Adam learning rate, decayed linearly to 0 over the epoch
+    rollout_batch_size: int = 64  # queries per sampling batch (normalization), summed over ranks
+    normalize_samples: int = 0  # samples used to estimate the reward mean and std
+    debug_normalize: int = 0  # samples used to check the normalization afterwards
+    normalize_before: bool = False  # before training, set gain/bias to the label data's target scales
+    normalize_after: bool = False  # after training, set gain/bias so ref-policy rewards have mean 0, std 1
+
+    def _validate(self, prefix: str) -> None:
+        for name in ('batch_size', 'rollout_batch_size'):
+            self._require_at_least(prefix, name, 1)
+        for name in ('lr', 'normalize_samples', 'debug_normalize'):
+            self._require_at_least(prefix, name, 0)
+        if self.labels.num_train % self.batch_size != 0:
+            raise HParamsError(
+                f"'{prefix}labels.num_train' ({self.labels.num_train}) must be divisible by "
+                f"'{prefix}batch_size' ({self.batch_size}): set --{prefix}labels.num_train to a multiple of "
+                f"{self.batch_size} or --{prefix}batch_size to a divisor of {self.labels.num_train}")
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps of the single epoch over the labels."""
+        return self.labels.num_train // self.batch_size
+
+    def check_world_size(self, world_size: int, *, prefix: str = '') -> None:
+        """Raises HParamsError unless the global batch sizes split evenly over ``world_size`` ranks."""
+        _check_positive_world_size(world_size)
+        for name in ('batch_size', 'rollout_batch_size'):
+            _check_divisible(f'{prefix}{name}', getattr(self, name), world_size)
+        _check_micro_batch(f'{prefix}run.train_micro_batch', self.run.train_micro_batch,
+                           'per-rank batch', self.batch_size // world_size)
+
+
+@dataclass
+class AdaptiveKLParams(HParams):
+    target: Optional[float] = None  # target KL(policy || ref) per episode, in nats (required when on)
+    horizon: int = 10000  # episodes over which the KL coefficient adapts
+
+    def _validate(self, prefix: str) -> None:
+        self._require(prefix, 'target')
+        if not self.target > 0:
+            raise HParamsError(f"'{prefix}target' must be > 0, got {self.target!r}")
+        self._require_at_least(prefix, 'horizon', 1)
+
+
+@dataclass
+class RewardHParams(HParams):
+    kl_coef: float = 0.2  # KL penalty coefficient beta (the initial value when adaptive_kl is on)
+    adaptive_kl: Optional[AdaptiveKLParams] = None  # 'on' = adapt beta towards a target KL
+    trained_model: Optional[str] = None  # reward model to use: a reward run's directory, or 'test'
+    train_new_model: Optional[TrainRewardHParams] = None  # 'on' = train a reward model first, with these
+
+    def _validate(self, prefix: str) -> None:
+        self._require_at_least(prefix, 'kl_coef', 0)
+        if self.trained_model is not None and self.train_new_model is not None:
+            raise HParamsError(
+                f"both '{prefix}trained_model' ({self.trained_model!r}) and '{prefix}train_new_model' are set: "
+                f"pass --{prefix}train_new_model off to use the trained model, or drop "
+                f"--{prefix}trained_model to train a new one")
+        if self.trained_model is None and self.train_new_model is None:
+            raise HParamsError(
+                f"no reward model: set '{prefix}trained_model' to a reward run directory (or 'test'), or "
+                f"pass --{prefix}train_new_model on (with its labels.* and task.* settings)")
+
+
+@dataclass
+class PpoHParams(HParams):
+    total_episodes: int = 2_000_000  # episodes (queries) over the whole run
+    batch_size: int = 64  # episodes per PPO update, summed over ranks
+    nminibatches: int = 1  # minibatches per epoch of each update
+    noptepochs: int = 4  # epochs over each batch of rollouts
+    lr: float = 5e-6  # Adam learning rate, decayed linearly to 0 over the updates
+    vf_coef: float = 0.1  # weight of the value loss
+    cliprange: float = 0.2  # PPO ratio clip
+    cliprange_value: float = 0.2  # value clip around the old value
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    whiten_rewards: bool = True  # whiten rewards (mean kept) per minibatch before GAE
+    # Whitening of rewards and advantages is per group of batch_size/(nminibatches*whiten_world_size) rows,
+    # as on that many ranks of the original; None = the real world size (rank-local minibatches).
+    whiten_world_size: Optional[int] = None
+
+    def _validate(self, prefix: str) -> None:
+        for name in ('total_episodes', 'batch_size', 'nminibatches', 'noptepochs', 'whiten_world_size'):
+            self._require_at_least(prefix, name, 1)
+        for name in ('lr', 'vf_coef'):
+            self._require_at_least(prefix, name, 0)
+        for name in ('cliprange', 'cliprange_value'):
+            if not getattr(self, name) > 0:
+                raise HParamsError(f"'{prefix}{name}' must be > 0, got {getattr(self, name)!r}")
+        for name in ('gamma', 'lam'):
+            if not 0 <= getattr(self, name) <= 1:
+                raise HParamsError(f"'{prefix}{name}' must be in [0, 1], got {getattr(self, name)!r}")
+        _check_divisible(f'{prefix}batch_size', self.batch_size, self.nminibatches,
+                         f"'{prefix}nminibatches'")
+        groups = self.nminibatches * (self.whiten_world_size or 1)
+        if self.whiten_world_size is not None:
+            _check_divisible(f'{prefix}batch_size', self.batch_size, groups,
+                             f"'{prefix}nminibatches' x '{prefix}whiten_world_size'")
+        if self.whiten_rewards and self.batch_size // groups < MIN_WHITEN_ROWS:
+            raise HParamsError(
+                f"reward whitening needs at least {MIN_WHITEN_ROWS} rows per minibatch, but "
+                f"'{prefix}batch_size' {self.batch_size} / {groups} = {self.batch_size // groups}: raise "
+                f"--{prefix}batch_size or pass --{prefix}whiten_rewards false")
+
+    @property
+    def nupdates(self) -> int:
+        """Number of PPO updates: ceil(total_episodes / batch_size)."""
+        return math.ceil(self.total_episodes / self.batch_size)
+
+
+@dataclass
+class TrainPolicyHParams(HParams):
+    run: RunHParams = field(default_factory=RunHParams)
+    task: TaskHParams = field(default_factory=TaskHParams)
+    rewards: RewardHParams = field(default_factory=RewardHParams)
+    ppo: PpoHParams = field(default_factory=PpoHParams)
+
+    # The original's cnndm/tldr experiments bind 'rewards.whiten', which does not exist (ORIGINAL §13.7).
+    _aliases: ClassVar[Dict[str, str]] = {'rewards.whiten': 'ppo.whiten_rewards'}
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raises HParamsError unless batches split evenly over ``world_size`` ranks and every whitening
+        group stays on one rank with enough rows."""
+        _check_positive_world_size(world_size)
+        ppo = self.ppo
+        _check_divisible('ppo.batch_size', ppo.batch_size, world_size, 'the world size')
+        per_rank = ppo.batch_size // world_size
+        _check_divisible('per-rank batch (ppo.batch_size / world size)', per_rank, ppo.nminibatches,
+                         "'ppo.nminibatches'")
+        minibatch = per_rank // ppo.nminibatches
+        whiten_world_size = ppo.whiten_world_size or world_size
+        group = ppo.batch_size // (ppo.nminibatches * whiten_world_size)
+        if group == 0 or minibatch % group != 0:
+            raise HParamsError(
+                f"'ppo.whiten_world_size' ({whiten_world_size}) must be a multiple of the world size "
+                f"({world_size}): each whitening group of ppo.batch_size / (ppo.nminibatches x "
+                f"whiten_world_size) rows must lie within one rank's minibatch of {minibatch} rows")
+        if ppo.whiten_rewards and group < MIN_WHITEN_ROWS:
+            raise HParamsError(
+                f"reward whitening needs at least {MIN_WHITEN_ROWS} rows per rank-local minibatch, but "
+                f"ppo.batch_size {ppo.batch_size} / (ppo.nminibatches {ppo.nminibatches} x "
+                f"{whiten_world_size} ranks) = {group}: raise --ppo.batch_size, use fewer ranks, or pass "
+                f"--ppo.whiten_rewards false")
+        _check_micro_batch('run.train_micro_batch', self.run.train_micro_batch, 'per-rank minibatch',
+                           minibatch)
+        if self.rewards.train_new_model is not None:
+            self.rewards.train_new_model.check_world_size(world_size, prefix='rewards.train_new_model.')
+
+
+def check_world_size(hparams: HParams, world_size: int) -> None:
+    """Raises HParamsError unless the run's batch sizes work on ``world_size`` ranks (call at startup)."""
+    if not isinstance(hparams, (TrainRewardHParams, TrainPolicyHParams)):
+        raise TypeError(f'expected TrainRewardHParams or TrainPolicyHParams, got {type(hparams).__name__}')
+    hparams.check_world_size(world_size)
+
+
+def _check_positive_world_size(world_size: int) -> None:
+    """Raises HParamsError unless the world size is a positive integer."""
+    if not world_size >= 1:
+        raise HParamsError(f'world size must be >= 1, got {world_size!r}')
+
+
+def _check_divisible(what: str, value: int, divisor: int, divisor_name: str = 'the world size') -> None:
+    """Raises HParamsError unless ``value`` is a multiple of ``divisor``, naming both numbers."""
+    if value % divisor != 0:
+        what = what if what.startswith('per-rank') else f"'{what}'"
+        raise HParamsError(f"{what} ({value}) must be divisible by {divisor_name} ({divisor}); the nearest "
+                           f"valid values are {value - value % divisor} and {value - value % divisor + divisor}")
+
+
+def _check_micro_batch(key: str, micro_batch: Optional[int], what: str, size: int) -> None:
+    """Raises HParamsError unless the micro-batch (if set) divides the per-rank batch it chunks."""
+    if micro_batch is not None and size % micro_batch != 0:
+        raise HParamsError(f"'{key}' ({micro_batch}) must divide the {what} ({size}); pass a divisor of "
+                           f"{size}, or None for the whole batch")

@@ -1,0 +1,140 @@
+"""Label types for reward-model training (ORIGINAL §8.2): their record schemas, losses and target scales.
+
+A loss takes the reward model's outputs for the label's responses, stacked in `response_keys` order as
+rewards (B, num_responses), plus the label fields, and returns (loss, stats). Stats are detached 0-d tensors.
+"""
+from abc import ABC, abstractmethod
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lm_human_preferences.utils.core import Schema, pearson_r
+
+VALID_LABEL_TYPES = ("best_of_N (e.g. best_of_4)", "scalar_rating", "scalar_compare")
+
+Stats = Dict[str, torch.Tensor]
+
+
+def _rewards_2d(rewards: torch.Tensor, num_responses: int, name: str) -> torch.Tensor:
+    """Check rewards are (B, num_responses) and upcast them to float32 at least."""
+    if rewards.dim() != 2 or rewards.shape[1] != num_responses:
+        raise ValueError(f"{name} needs rewards of shape (B, {num_responses}), got {tuple(rewards.shape)}")
+    return rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+
+
+class LabelType(ABC):
+    """Schemas and loss of one kind of human label."""
+    name: str
+    response_keys: Tuple[str, ...]
+    label_keys: Tuple[str, ...]
+
+    @property
+    def num_responses(self) -> int:
+        """How many responses each label compares."""
+        return len(self.response_keys)
+
+    def schemas(self, *, query_length: int, response_length: int) -> Dict[str, Schema]:
+        """Schema of a full label record (question and annotation), e.g. for a SampleBuffer."""
+        return {**self.question_schemas(query_length=query_length, response_length=response_length),
+                **self.label_schemas()}
+
+    def question_schemas(self, *, query_length: int, response_length: int) -> Dict[str, Schema]:
+        """Schema of what is shown to the labeler: the raw query and the responses."""
+        schemas = {"query": Schema(np.int32, (query_length,))}
+        schemas.update({k: Schema(np.int32, (response_length,)) for k in self.response_keys})
+        return schemas
+
+    @abstractmethod
+    def label_schemas(self) -> Dict[str, Schema]:
+        """Schema of the human annotation."""
+
+    @abstractmethod
+    def target_scales(self, labels: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """Label values on the reward model's output scale (for normalize_before), or None."""
+
+    @abstractmethod
+    def loss(self, rewards: torch.Tensor, labels: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Stats]:
+        """(loss, stats) from rewards (B, num_responses) and the label fields."""
+
+
+class PickBest(LabelType):
+    """best_of_N: the labeler picks the best of N responses; softmax cross-entropy over the N rewards."""
+
+    def __init__(self, num_responses: int):
+        if num_responses < 2:
+            raise ValueError(f"best_of_N needs N >= 2, got {num_responses}")
+        self.name = f"best_of_{num_responses}"
+        self.response_keys = tuple(f"sample{i}" for i in range(num_responses))
+        self.label_keys = ("best",)
+
+    def label_schemas(self):
+        return {"best": Schema(np.int32, ())}
+
+    def target_scales(self, labels):
+        return None
+
+    def loss(self, rewards, labels):
+        logits = _rewards_2d(rewards, self.num_responses, self.name)  # (B, N)
+        best = labels["best"].long()
+        error = F.cross_entropy(logits, best)
+        accuracy = (logits.argmax(dim=1) == best).float().mean()
+        return error, {"loss": error.detach(), "error": error.detach(), "accuracy": accuracy}
+
+
+class ScalarRating(LabelType):
+    """scalar_rating: a float score per response; squared error."""
+    name = "scalar_rating"
+    response_keys = ("sample",)
+    label_keys = ("score",)
+
+    def label_schemas(self):
+        return {"score": Schema(np.float32, ())}
+
+    def target_scales(self, labels):
+        return labels["score"]
+
+    def loss(self, rewards, labels):
+        """rewards (B,) or (B, 1); labels['score'] (B,)."""
+        if rewards.dim() == 1:
+            rewards = rewards[:, None]
+        predicted = _rewards_2d(rewards, 1, self.name)[:, 0]  # (B,)
+        score = labels["score"].to(predicted.dtype)
+        error = (score - predicted).square().mean()
+        label_mean = score.mean()
+        label_var = (score - label_mean).square().mean()
+        corr = pearson_r(score, predicted.detach())
+        return error, {"loss": error.detach(), "error": error.detach(),
+                       "label_mean": label_mean, "label_var": label_var, "corr": corr}
+
+
+class ScalarComparison(LabelType):
+    """scalar_compare: a float difference r(sample1) - r(sample0); squared error."""
+    name = "scalar_compare"
+    response_keys = ("sample0", "sample1")
+    label_keys = ("difference",)
+
+    def label_schemas(self):
+        return {"difference": Schema(np.float32, ())}
+
+    def target_scales(self, labels):
+        # Halved so its variance matches a single reward's
+        return labels["difference"] / 2
+
+    def loss(self, rewards, labels):
+        rewards = _rewards_2d(rewards, 2, self.name)  # (B, 2)
+        predicted_differences = rewards[:, 1] - rewards[:, 0]
+        error = (labels["difference"].to(rewards.dtype) - predicted_differences).square().mean()
+        return error, {"loss": error.detach(), "error": error.detach()}
+
+
+def get_label_type(name: str) -> LabelType:
+    """The label type called `name`: 'best_of_<N>', 'scalar_rating' or 'scalar_compare'."""
+    if name == "scalar_rating":
+        return ScalarRating()
+    if name == "scalar_compare":
+        return ScalarComparison()
+    if name.startswith("best_of_") and name[len("best_of_"):].isdigit():
+        return PickBest(int(name[len("best_of_"):]))
+    raise ValueError(f"Unknown label type {name!r}; valid: {', '.join(VALID_LABEL_TYPES)}")

@@ -1,0 +1,53 @@
+"""The policy: GPT-2 with a zero-initialised value head on the same trunk, and the task temperature (ORIGINAL §10).
+
+The temperature divides the logits everywhere: sampling, the stored rollout logprobs, the reference policy's
+logprobs, and the PPO logprobs and entropy. `forward` is the teacher-forced pass (so DDP can wrap a Policy);
+`respond` samples with the KV cache.
+"""
+import torch
+import torch.nn as nn
+
+from lm_human_preferences.language.model import GPT2
+from lm_human_preferences.language.sample import sample_sequence
+from lm_human_preferences.lm_tasks import format_queries
+from lm_human_preferences.utils.core import entropy_from_logits, logprobs_from_logits
+
+
+class Policy(nn.Module):
+    def __init__(self, model: GPT2, *, temperature: float, padding_token: int, prefix_tokens=(), suffix_tokens=()):
+        super().__init__()
+        if "value" not in model.heads:
+            raise ValueError("a Policy needs a GPT2 built with scalar_heads=['value']")
+        self.model = model
+        self.temperature = temperature
+        self.padding_token = padding_token
+        self.register_buffer("prefix_tokens", torch.tensor(list(prefix_tokens), dtype=torch.long), persistent=False)
+        self.register_buffer("suffix_tokens", torch.tensor(list(suffix_tokens), dtype=torch.long), persistent=False)
+
+    def context(self, queries):
+        """prefix + right-padded query + suffix, (B, ctx_len)."""
+        return format_queries(queries, self.prefix_tokens, self.suffix_tokens)
+
+    @torch.no_grad()
+    def respond(self, queries, length: int, *, generator=None, greedy=False, top_k=0, top_p=1.0):
+        """Samples `length` tokens per query: responses, logprobs (temperature-scaled) and values, each (B, length)."""
+        out = sample_sequence(self.model, self.context(queries), length, padding_token=self.padding_token,
+                              temperature=self.temperature, top_k=top_k, top_p=top_p, generator=generator,
+                              greedy=greedy)
+        return {"responses": out["tokens"], "logprobs": out["logprobs"], "values": out["values"]}
+
+    def forward(self, queries, responses, *, with_entropy=True):
+        """Teacher-forced pass (`analyze_responses`): logprobs, entropies and values of `responses`, each (B, T)."""
+        context = self.context(queries)
+        ctx_len, T = context.shape[1], responses.shape[1]
+        tokens = torch.cat([context, responses], dim=1)
+        # position ctx_len-1+t predicts response token t
+        out = self.model(tokens, padding_token=self.padding_token, lm_positions=slice(ctx_len - 1, ctx_len - 1 + T))
+        logits = out["lm_logits"] / max(self.temperature, 1e-10)  # (B, T, V) float32
+        result = {"logprobs": logprobs_from_logits(logits, responses),
+                  "values": out["value"][:, ctx_len - 1:ctx_len - 1 + T]}
+        if with_entropy:
+            result["entropies"] = entropy_from_logits(logits)
+        return result
+
+    analyze_responses = forward

@@ -1,0 +1,394 @@
+"""PPO against a frozen reward model under a KL penalty (ORIGINAL §10), alone or under torchrun.
+
+One update, in the original's order: sample -> reference logprobs -> score (truncate, reward model, penalty) ->
+per-token rewards with the current beta -> noptepochs x nminibatches of PPO -> stats (all-reduced) -> KL controller
+update -> log -> checkpoint. Whitening stays rank-local per minibatch as in the original; `ppo.whiten_world_size`
+emulates the original's 8-rank grouping on fewer GPUs.
+"""
+import math
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from lm_human_preferences import ppo
+from lm_human_preferences.hparams import TrainPolicyHParams
+from lm_human_preferences.language.datasets import QuerySampler
+from lm_human_preferences.language.trained_models import load_model
+from lm_human_preferences.lm_tasks import penalized_scores, postprocess_responses, responses_valid
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.rewards import load_reward_model
+from lm_human_preferences import train_reward
+from lm_human_preferences.utils import ckpt, dist
+from lm_human_preferences.utils.logging import Logger, format_stats
+from lm_human_preferences.utils.optim import TFAdam
+
+POLICY_DIR = "policy"
+
+
+class StopRequested(Exception):
+    """Raised inside the loop after SIGTERM/SIGINT once a checkpoint is written."""
+
+
+def nupdates(hp) -> int:
+    return math.ceil(hp.ppo.total_episodes / hp.ppo.batch_size)
+
+
+def whiten_groups(hp, world_size: int) -> int:
+    """Groups per rank-local minibatch: the original whitened over batch/(nminibatches*W) rows at W ranks."""
+    w = hp.ppo.whiten_world_size or world_size
+    if w % world_size:
+        raise ValueError(f"ppo.whiten_world_size={w} must be a multiple of the world size {world_size}")
+    return w // world_size
+
+
+def make_kl_controller(rewards_hp):
+    if rewards_hp.adaptive_kl is not None:
+        return ppo.AdaptiveKLController(rewards_hp.kl_coef, rewards_hp.adaptive_kl.target, rewards_hp.adaptive_kl.horizon)
+    return ppo.FixedKLController(rewards_hp.kl_coef)
+
+
+class PPOTrainer:
+    """Holds the models, optimizer, sampler and RNG of one rank and runs `step()` once per update."""
+
+    def __init__(self, hp: TrainPolicyHParams, info, *, score_model, ref_policy, policy, sampler, enc, precision,
+                 np_rng, generator):
+        self.hp, self.info, self.enc, self.precision = hp, info, enc, precision
+        self.score_model, self.ref_policy, self.policy, self.sampler = score_model, ref_policy, policy, sampler
+        self.np_rng, self.generator = np_rng, generator
+        self.ddp_policy = DDP(policy, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
+            if dist.is_distributed() else policy
+        self.optimizer = TFAdam(policy.parameters(), lr=hp.ppo.lr, eps=1e-5)
+        self.kl_ctl = make_kl_controller(hp.rewards)
+        self.global_step = 0
+        self.nupdates = nupdates(hp)
+        self.batch = dist.exact_batch(hp.ppo.batch_size, info.world_size, "ppo.batch_size")
+        self.minibatch = dist.exact_batch(self.batch, hp.ppo.nminibatches, "per-rank ppo batch")
+        self.n_groups = whiten_groups(hp, info.world_size)
+        self.last_time = time.time()
+        self.start_time = time.time()
+
+    # ---- rollout -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, queries):
+        """Samples responses and scores them; no gradients, micro-batched by run.rollout_micro_batch."""
+        task, device = self.hp.task, self.info.device
+        parts = []
+        for sl in train_reward.chunks(len(queries), self.hp.run.rollout_micro_batch):
+            q = queries[sl]
+            with dist.autocast(device, self.precision):
+                out = self.policy.respond(q, task.response_length, generator=self.generator)
+                ref = self.ref_policy(q, out["responses"], with_entropy=False)
+                post = postprocess_responses(out["responses"], task.truncate_token, task.truncate_after,
+                                             self.enc.padding_token)
+                raw = self.score_model(q, post)
+            valid = responses_valid(post, task.truncate_token, task.truncate_after)
+            parts.append(dict(responses=out["responses"], logprobs=out["logprobs"], values=out["values"],
+                              ref_logprobs=ref["logprobs"], postprocessed=post,
+                              scores=penalized_scores(raw.float(), valid, task.penalty_reward_value)))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def train_minibatch(self, mb, lr):
+        """One optimizer step of PPO on a rank-local minibatch `mb` (dict of tensors); returns its stats."""
+        hp = self.hp.ppo
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        advantages, returns = [], []
+        for g in torch.arange(len(mb["values"]), device=self.info.device).chunk(self.n_groups):
+            adv, ret = ppo.compute_advantages(mb["values"][g], mb["rewards"][g], hp.gamma, hp.lam, hp.whiten_rewards)[:2]
+            advantages.append(adv)
+            returns.append(ret)
+        advantages, returns = torch.cat(advantages), torch.cat(returns)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(advantages)
+        pieces = train_reward.chunks(n, self.hp.run.train_micro_batch)
+        totals = {}
+        for i, sl in enumerate(pieces):
+            weight = (sl.stop - sl.start) / n
+            sync = i == len(pieces) - 1 or not dist.is_distributed()
+            ctx = self.ddp_policy.no_sync() if not sync else train_reward._nullcontext()
+            with ctx, dist.autocast(self.info.device, self.precision):
+                new = self.ddp_policy(mb["queries"][sl], mb["responses"][sl])
+                loss, stats = ppo.ppo_loss(new["logprobs"], new["values"], new["entropies"], mb["logprobs"][sl],
+                                           mb["values"][sl], advantages[sl], returns[sl], hp.cliprange,
+                                           hp.cliprange_value, hp.vf_coef)
+                (loss * weight).backward()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * weight
+        self.optimizer.step()
+        # population statistics of the inputs are taken over the whole minibatch, not averaged over pieces
+        totals["returns/mean"], totals["returns/var"] = returns.mean().item(), returns.var(unbiased=False).item()
+        totals["val/mean"] = mb["values"].mean().item()
+        totals["val/var"] = mb["values"].var(unbiased=False).item()
+        return totals
+
+    def step(self):
+        """One PPO update on this rank; returns the all-reduced statistics and the rollout."""
+        hp, info = self.hp, self.info
+        queries = torch.as_tensor(self.sampler.next_batch(), device=info.device)
+        data = self.rollout(queries)
+        kl_coef = self.kl_ctl.value
+        rewards, non_score_reward, kl = ppo.compute_rewards(data["scores"], data["logprobs"], data["ref_logprobs"],
+                                                            kl_coef)
+        rollouts = dict(queries=queries, responses=data["responses"], logprobs=data["logprobs"],
+                        values=data["values"], rewards=rewards)
+        lr = hp.ppo.lr * (1 - self.global_step / self.nupdates)
+        train_stats = []
+        for _ in range(hp.ppo.noptepochs):
+            order = torch.as_tensor(self.np_rng.permutation(self.batch), device=info.device)
+            for start in range(0, self.batch, self.minibatch):
+                idx = order[start:start + self.minibatch]
+                train_stats.append(self.train_minibatch({k: v[idx] for k, v in rollouts.items()}, lr))
+
+        stats = {f"ppo/{k}": float(np.mean([s[k] for s in train_stats])) for k in train_stats[0]}
+        stats.update(ppo.step_stats(scores=data["scores"], logprobs=data["logprobs"],
+                                    ref_logprobs=data["ref_logprobs"], non_score_reward=non_score_reward,
+                                    kl_coef=kl_coef))
+        stats = dist.all_reduce_mean_dict(stats, info.device)
+        stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"] \
+            if stats["ppo/returns/var"] else float("nan")
+        stats["ppo/lr"] = lr
+        for k, v in stats.items():
+            if not math.isfinite(v) and k != "ppo/val/var_explained":
+                raise FloatingPointError(f"PPO update {self.global_step}: statistic {k} = {v} is not finite; the "
+                                         f"run stopped and the last good checkpoint is kept. Lower ppo.lr or use "
+                                         f"--run.precision fp32")
+        self.kl_ctl.update(stats["objective/kl"], hp.ppo.batch_size)
+
+        now = time.time()
+        step = self.global_step
+        stats.update({"elapsed/updates": step + 1, "elapsed/steps/serial": (step + 1) * hp.task.response_length,
+                      "elapsed/steps/total": (step + 1) * hp.ppo.batch_size * hp.task.response_length,
+                      "elapsed/episodes": (step + 1) * hp.ppo.batch_size,
+                      "elapsed/fps": int(hp.ppo.batch_size * hp.task.response_length / max(now - self.last_time, 1e-9)),
+                      "elapsed/time": now - self.start_time})
+        self.last_time = now
+        return stats, dict(data, queries=queries, kl=kl)
+
+    def print_samples(self, data, n=3):
+        """Three decoded samples: query, post-processed response, score, kl, and total = score - kl_coef*kl."""
+        kl_coef0 = self.hp.rewards.kl_coef
+        for i in range(min(n, len(data["queries"]))):
+            kl_i = data["kl"][i].sum().item()
+            score = data["scores"][i].item()
+            print("query:    ", self.enc.decode(data["queries"][i].tolist()).replace("\n", "⏎"))
+            print("response: ", self.enc.decode(data["postprocessed"][i].tolist()).replace("\n", "⏎"))
+            print(f"  score = {score:+.3f}, kl = {kl_i:+.3f}, total = {score - kl_coef0 * kl_i:+.3f}")
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def state(self):
+        return {"global_step": self.global_step, "kl_ctl": self.kl_ctl.state_dict()}
+
+    def save_checkpoint(self, root: Path, wandb_id=None):
+        """All ranks write their RNG and data position; rank 0 writes weights, optimizer and counters."""
+        info = self.info
+        tmp = root / f"step-{self.global_step:08d}.tmp"
+        if info.is_main:
+            tmp = ckpt.begin_checkpoint(root, self.global_step)
+        dist.barrier()
+        ckpt.atomic_torch_save(tmp / f"rng-rank{info.rank}.pt", rng_state(self.np_rng, self.generator))
+        ckpt.atomic_write_json(tmp / f"sampler-rank{info.rank}.json", self.sampler.state_dict())
+        if info.is_main:
+            ckpt.atomic_save_tensors(tmp / "model.safetensors", self.policy.model.state_dict())
+            ckpt.atomic_torch_save(tmp / "optimizer.pt", self.optimizer.state_dict())
+            ckpt.atomic_write_json(tmp / "state.json", dict(self.state(), world_size=info.world_size,
+                                                               wandb_id=wandb_id))
+        dist.barrier()
+        final = None
+        if info.is_main:
+            final = ckpt.commit_checkpoint(tmp, self.hp.run.keep_checkpoints)
+            print(f"saved checkpoint {final}")
+        dist.barrier()
+        return final
+
+    def load_checkpoint(self, path: Path):
+        """Restores everything `save_checkpoint` wrote; the world size must match for an exact resume."""
+        info = self.info
+        state = _read_json(path / "state.json")
+        if state["world_size"] != info.world_size:
+            raise ValueError(f"checkpoint {path} was written by {state['world_size']} ranks but this run has "
+                             f"{info.world_size}; resume with the same number of processes")
+        sd = ckpt.load_tensors(path / "model.safetensors")
+        from lm_human_preferences.language.trained_models import check_state_dict
+        check_state_dict(self.policy.model, sd, allow_missing_heads=False)
+        self.policy.model.load_state_dict(sd)
+        self.optimizer.load_state_dict(ckpt.torch_load_safe(path / "optimizer.pt"))
+        self.global_step = state["global_step"]
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.sampler.load_state_dict(_read_json(path / f"sampler-rank{info.rank}.json"))
+        set_rng_state(ckpt.torch_load_safe(path / f"rng-rank{info.rank}.pt"), self.np_rng, self.generator)
+        return state
+
+
+def _read_json(path):
+    import json
+    with open(path) as f:
+        return json.load(f)
+
+
+def rng_state(np_rng, generator):
+    """Every RNG of this rank as tensors/plain values (loadable with weights_only=True)."""
+    import random
+    py = random.getstate()
+    np_state = np_rng.get_state()
+    out = {"python": [py[0], list(py[1]), py[2]],
+           "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                     float(np_state[4])],
+           "numpy_global": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+           "numpy_global_pos": int(np.random.get_state()[2]),
+           "torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        out["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state, np_rng, generator):
+    import random
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np_rng.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    np.random.set_state(("MT19937", state["numpy_global"].numpy().astype(np.uint32), state["numpy_global_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch_cpu"])
+    generator.set_state(state["generator"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+
+
+class SignalFlag:
+    """Records SIGTERM/SIGINT so the loop can checkpoint at the next update boundary and exit cleanly."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def write_policy_metadata(save_dir: Path, hp, policy, enc_name):
+    ckpt.atomic_write_json(save_dir / "train_policy_hparams.json", hp.to_nested_dict())
+    ckpt.atomic_write_json(save_dir / POLICY_DIR / "hparams.json", policy.model.config.to_dict())
+    ckpt.atomic_write_json(save_dir / POLICY_DIR / "encoding", enc_name)
+
+
+def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
+    """Trains the reward model first if `rewards.train_new_model` is set, then runs PPO; returns the save dir."""
+    hp.validate()
+    info = dist.init_distributed(hp.run.device)
+    hp.check_world_size(info.world_size)
+    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
+    ckpt_root = save_dir / POLICY_DIR / "checkpoints" if save_dir else None
+    latest = ckpt.latest_checkpoint(ckpt_root) if ckpt_root else None
+    if latest is not None and not resume and not overwrite:
+        raise FileExistsError(f"{save_dir} already holds a policy run (latest checkpoint {latest.name}); rerun with "
+                              f"--resume to continue it or --overwrite to start over")
+    if overwrite and not resume:
+        latest = None
+
+    trained_model = hp.rewards.trained_model
+    if hp.rewards.train_new_model is not None:
+        rm_hp = hp.rewards.train_new_model
+        if rm_hp.task.to_nested_dict() != hp.task.to_nested_dict():
+            raise ValueError("rewards.train_new_model.task must equal task (the reward model is trained on the "
+                             "policy's task)")
+        if save_dir is None:
+            raise ValueError("rewards.train_new_model needs run.save_dir to store the reward model")
+        rm_hp.run.save_dir = str(save_dir)
+        rm_hp.run.device, rm_hp.run.precision = hp.run.device, hp.run.precision
+        train_reward.train(rm_hp, resume=resume or latest is not None, overwrite=overwrite and latest is None,
+                           info=info)
+        trained_model = str(save_dir / train_reward.REWARD_DIR)
+
+    precision = dist.resolve_precision(hp.run.precision, info.device)
+    if info.is_main:
+        hp.dump()
+    seed = dist.rank_seed(hp.run.seed, info.rank)
+    np_rng = dist.seed_everything(seed)
+    generator = torch.Generator(device=info.device)
+    generator.manual_seed(seed if seed is not None else int(np_rng.randint(2**31)))
+
+    task = hp.task
+    enc, prefix, suffix = train_reward.task_encodings(task)
+    score_model = load_reward_model(trained_model, n_vocab=enc.n_vocab, padding_token=enc.padding_token,
+                                    device=info.device)
+    ref_policy = train_reward.build_ref_policy(task, enc, prefix, suffix, info.device)
+    train_reward.check_fits_context(task, ref_policy.model.config.n_ctx, prefix, suffix)
+    policy = Policy(load_model(task.policy.initial_model, ["value"], n_vocab=enc.n_vocab, device=info.device),
+                    temperature=task.policy.temperature, padding_token=enc.padding_token, prefix_tokens=prefix,
+                    suffix_tokens=suffix).to(info.device)
+    policy.eval()  # dropout is never active; eval() changes nothing else here
+    for module in (score_model, ref_policy, policy):
+        dist.broadcast_module(module)
+    sampler = QuerySampler(task.query_dataset, "train", enc, task.query_length, task.start_text, task.end_text,
+                           dist.exact_batch(hp.ppo.batch_size, info.world_size, "ppo.batch_size"),
+                           rank=info.rank, world_size=info.world_size)
+    trainer = PPOTrainer(hp, info, score_model=score_model, ref_policy=ref_policy, policy=policy, sampler=sampler,
+                         enc=enc, precision=precision, np_rng=np_rng, generator=generator)
+    if hp.run.compile:
+        policy.model.forward = torch.compile(policy.model.forward)
+
+    wandb_id = None
+    if latest is not None:
+        state = trainer.load_checkpoint(latest)
+        wandb_id = state.get("wandb_id")
+        if info.is_main:
+            print(f"resumed from {latest} at update {trainer.global_step}")
+    if info.is_main and save_dir is not None:
+        write_policy_metadata(save_dir, hp, policy, train_reward.encoding_name(task.policy.initial_model))
+    logger = Logger(is_main=info.is_main, save_dir=save_dir, name="train_policy", config=hp.to_nested_dict(),
+                    wandb_setting=hp.run.wandb, wandb_project=hp.run.wandb_project,
+                    run_name=save_dir.name if save_dir else None, wandb_id=wandb_id)
+    bar = tqdm(total=trainer.nupdates, initial=trainer.global_step, desc="train_policy", disable=not info.is_main,
+               dynamic_ncols=True)
+    saved_at = trainer.global_step if latest is not None else None
+    try:
+        with SignalFlag() as signals:
+            while trainer.global_step < trainer.nupdates:
+                stats, data = trainer.step()
+                logger.log(stats, trainer.global_step)
+                if info.is_main and trainer.global_step % hp.run.log_interval == 0:
+                    trainer.print_samples(data)
+                    print(format_stats(stats))
+                trainer.global_step += 1
+                bar.update(1)
+                bar.set_postfix(score=f"{stats['objective/score']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+                stop = dist.all_ranks_agree(signals.received is not None, info.device)
+                if ckpt_root is not None and (trainer.global_step % hp.run.save_interval == 0 or stop
+                                              or trainer.global_step == trainer.nupdates):
+                    trainer.save_checkpoint(ckpt_root, logger.wandb_id)
+                    saved_at = trainer.global_step
+                if stop:
+                    if info.is_main:
+                        print(f"stopped by {signals.received or 'a signal on another rank'} after update "
+                              f"{trainer.global_step}; resume with the same command plus --resume")
+                    raise StopRequested()
+    except StopRequested:
+        pass
+    finally:
+        bar.close()
+        logger.finish()
+    if ckpt_root is not None and saved_at != trainer.global_step:
+        trainer.save_checkpoint(ckpt_root, logger.wandb_id)
+    return save_dir

@@ -1,0 +1,275 @@
+"""Reward-model training (ORIGINAL §9): labels -> normalize_before -> one epoch -> normalize_after -> save.
+
+Runs alone or under torchrun. Every rank samples and scores its own share; the normalization sums, the gradients
+and every logged statistic are reduced over all ranks, so gain, bias and all weights stay identical everywhere.
+"""
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from lm_human_preferences import label_types
+from lm_human_preferences.hparams import TrainRewardHParams
+from lm_human_preferences.language import labels as label_files
+from lm_human_preferences.language.datasets import QuerySampler
+from lm_human_preferences.language.encodings import get_encoding
+from lm_human_preferences.language.trained_models import load_model
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.rewards import RewardModel
+from lm_human_preferences.utils import dist
+from lm_human_preferences.utils.ckpt import atomic_save_tensors, atomic_write_json
+from lm_human_preferences.utils.logging import Logger, format_stats
+from lm_human_preferences.utils.optim import TFAdam
+
+REWARD_DIR = "reward_model"
+
+
+def encoding_name(initial_model: str) -> str:
+    """The `test` model uses the 27-character test encoding; every GPT-2 uses the BPE."""
+    return "test" if initial_model == "test" else "main"
+
+
+def task_encodings(task):
+    """(encoding, prefix token ids, suffix token ids) for a task."""
+    enc = get_encoding(encoding_name(task.policy.initial_model))
+    return enc, enc.encode(task.query_prefix), enc.encode(task.query_suffix)
+
+
+def check_fits_context(task, n_ctx: int, prefix, suffix):
+    total = len(prefix) + task.query_length + len(suffix) + task.response_length
+    if total > n_ctx:
+        raise ValueError(f"prefix ({len(prefix)}) + query_length ({task.query_length}) + suffix ({len(suffix)}) + "
+                         f"response_length ({task.response_length}) = {total} tokens exceeds the model's n_ctx={n_ctx}; "
+                         f"shorten task.query_length or task.response_length")
+
+
+def build_ref_policy(task, enc, prefix, suffix, device):
+    model = load_model(task.policy.initial_model, ["value"], n_vocab=enc.n_vocab, device=device)
+    policy = Policy(model, temperature=task.policy.temperature, padding_token=enc.padding_token,
+                    prefix_tokens=prefix, suffix_tokens=suffix).to(device)
+    policy.requires_grad_(False)
+    return policy.eval()
+
+
+def chunks(n: int, size):
+    """Slices covering range(n) in pieces of `size` (None = one piece)."""
+    size = n if not size else size
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def reward_stats(reward_model, ref_policy, sampler, hp, info, precision, generator):
+    """Population mean/std of the reward on ceil(normalize_samples/rollout_batch_size) rollout batches (§9.2)."""
+    n_batches = math.ceil(hp.normalize_samples / hp.rollout_batch_size)
+    total = torch.zeros(3, dtype=torch.float64, device=info.device)  # sum r, sum r^2, count
+    for _ in range(n_batches):
+        queries = torch.as_tensor(sampler.next_batch(), device=info.device)
+        for sl in chunks(len(queries), hp.run.rollout_micro_batch):
+            with dist.autocast(info.device, precision):
+                responses = ref_policy.respond(queries[sl], hp.task.response_length, generator=generator)["responses"]
+                r = reward_model(queries[sl], responses).double()
+            total += torch.stack([r.sum(), (r * r).sum(), torch.tensor(float(len(r)), device=info.device,
+                                                                            dtype=torch.float64)])
+    total = dist.all_reduce_sum(total)
+    mean = total[0] / total[2]
+    std = torch.sqrt(torch.clamp(total[1] / total[2] - mean * mean, min=0.0))
+    return mean.item(), std.item()
+
+
+def normalize(reward_model, ref_policy, sampler, hp, info, precision, generator, target, tag, logger, step):
+    """Resets gain/bias to (1, 0), then sets them so rewards of reference samples have (target mean, target std)."""
+    reward_model.reset_reward_scale()
+    mean, std = reward_stats(reward_model, ref_policy, sampler, hp, info, precision, generator)
+    reward_model.set_reward_norm(old_mean=mean, old_std=std, new_mean=target[0], new_std=target[1])
+    stats = {f"train_reward/{tag}/mean": mean, f"train_reward/{tag}/std": std,
+             f"train_reward/{tag}/gain": reward_model.gain.item(), f"train_reward/{tag}/bias": reward_model.bias.item()}
+    if info.is_main:
+        print(f"{tag}: rewards {mean:.4f} +- {std:.4f} -> gain {stats[f'train_reward/{tag}/gain']:.4f}, "
+              f"bias {stats[f'train_reward/{tag}/bias']:.4f}")
+    logger.log(stats, step)
+    if hp.debug_normalize:
+        debug = hp.__class__.from_nested_dict(hp.to_nested_dict()) if hasattr(hp, "from_nested_dict") else hp
+        debug.normalize_samples = hp.debug_normalize
+        m, s = reward_stats(reward_model, ref_policy, sampler, debug, info, precision, generator)
+        if info.is_main:
+            print(f"after normalize: {m:.4f} +- {s:.4f}")
+
+
+def label_batch_loss(reward_model, label_type, batch, device):
+    """Loss and stats of one batch of labels (a dict of numpy arrays) under the current reward model."""
+    t = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+    return label_type.loss(reward_model, t)
+
+
+def evaluate_heldout(reward_model, label_type, heldout, info, precision, micro_batch):
+    """Loss and accuracy on the held-out labels (those beyond num_train), each rank scoring a strided share."""
+    n = len(next(iter(heldout.values()))) if heldout else 0
+    if n == 0:
+        return {}
+    idx = np.arange(info.rank, n, info.world_size)
+    sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss*count, correct, count
+    with torch.no_grad():
+        for sl in chunks(len(idx), micro_batch or 64):
+            part = {k: v[idx[sl]] for k, v in heldout.items()}
+            if len(idx[sl]) == 0:
+                continue
+            with dist.autocast(info.device, precision):
+                loss, stats = label_batch_loss(reward_model, label_type, part, info.device)
+            count = float(len(idx[sl]))
+            acc = float(stats.get("accuracy", float("nan")))
+            sums += torch.tensor([float(loss) * count, acc * count, count], dtype=torch.float64, device=info.device)
+    sums = dist.all_reduce_sum(sums)
+    out = {"train_reward/heldout/loss": (sums[0] / sums[2]).item(), "train_reward/heldout/count": sums[2].item()}
+    if label_type.has_accuracy:
+        out["train_reward/heldout/accuracy"] = (sums[1] / sums[2]).item()
+        out["train_reward/heldout/chance_accuracy"] = label_type.chance_accuracy
+    return out
+
+
+def save_reward_model(save_dir: Path, reward_model: RewardModel, hp, enc_name: str):
+    """Writes <save_dir>/reward_model/{model.safetensors, hparams.json, encoding} and train_reward_hparams.json."""
+    out = save_dir / REWARD_DIR
+    sd = dict(reward_model.model.state_dict())
+    sd["reward_norm.gain"] = reward_model.gain.detach()
+    sd["reward_norm.bias"] = reward_model.bias.detach()
+    atomic_save_tensors(out / "model.safetensors", sd)
+    atomic_write_json(out / "hparams.json", reward_model.model.config.to_dict())
+    atomic_write_json(out / "encoding", enc_name)
+    atomic_write_json(save_dir / "train_reward_hparams.json", hp.to_nested_dict())
+
+
+def reward_model_complete(save_dir) -> bool:
+    d = Path(save_dir) / REWARD_DIR
+    return all((d / f).is_file() for f in ("model.safetensors", "hparams.json", "encoding"))
+
+
+def train(hp: TrainRewardHParams, *, resume=False, overwrite=False, info=None):
+    """Trains a reward model as the original does; returns the reward model directory."""
+    hp.validate()
+    info = info or dist.init_distributed(hp.run.device)
+    hp.check_world_size(info.world_size)
+    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
+    if save_dir is not None and reward_model_complete(save_dir):
+        if resume:
+            if info.is_main:
+                print(f"reward model already trained in {save_dir / REWARD_DIR}; skipping reward training")
+            return save_dir / REWARD_DIR
+        if not overwrite:
+            raise FileExistsError(f"{save_dir / REWARD_DIR} already holds a trained reward model; pass --overwrite to "
+                                  f"replace it or choose another experiment name")
+    precision = dist.resolve_precision(hp.run.precision, info.device)
+    if info.is_main:
+        hp.dump()
+    seed = dist.rank_seed(hp.run.seed, info.rank)
+    np_rng = dist.seed_everything(seed)
+    generator = torch.Generator(device=info.device)
+    generator.manual_seed(seed if seed is not None else int(np_rng.randint(2**31)))
+
+    task = hp.task
+    enc, prefix, suffix = task_encodings(task)
+    label_type = label_types.get_label_type(hp.labels.type)
+    train_labels, heldout = label_files.load_labels(
+        hp.labels.source, hp.labels.type, query_length=task.query_length, response_length=task.response_length,
+        n_vocab=enc.n_vocab, padding_token=enc.padding_token, num_train=hp.labels.num_train)
+
+    ref_policy = build_ref_policy(task, enc, prefix, suffix, info.device)
+    check_fits_context(task, ref_policy.model.config.n_ctx, prefix, suffix)
+    reward_model = RewardModel(load_model(task.policy.initial_model, ["reward"], n_vocab=enc.n_vocab,
+                                          device=info.device), padding_token=enc.padding_token).to(info.device)
+    reward_model.eval()  # dropout is never active
+    dist.broadcast_module(ref_policy)
+    dist.broadcast_module(reward_model)
+    sampler = QuerySampler(task.query_dataset, "train", enc, task.query_length, task.start_text, task.end_text,
+                           dist.exact_batch(hp.rollout_batch_size, info.world_size, "rollout_batch_size"),
+                           rank=info.rank, world_size=info.world_size)
+
+    logger = Logger(is_main=info.is_main, save_dir=save_dir, name="train_reward", config=hp.to_nested_dict(),
+                    wandb_setting=hp.run.wandb, wandb_project=hp.run.wandb_project,
+                    run_name=save_dir.name + "/reward" if save_dir else None)
+    t0 = time.time()
+    try:
+        if hp.normalize_before:
+            target = label_type.target_mean_std(train_labels)
+            normalize(reward_model, ref_policy, sampler, hp, info, precision, generator, target,
+                      "normalize_before", logger, 0)
+
+        ddp_model = DDP(reward_model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
+            if dist.is_distributed() else reward_model
+        params = list(reward_model.parameters())  # trunk, head, gain and bias
+        optimizer = TFAdam(params, lr=hp.lr, eps=1e-5)
+        num_train = hp.labels.num_train
+        perm = dist.broadcast_object(np_rng.permutation(num_train) if info.is_main else None)
+        steps = range(0, num_train, hp.batch_size)
+        bar = tqdm(steps, desc="train_reward", disable=not info.is_main, dynamic_ncols=True)
+        for step, start in enumerate(bar):
+            lr = hp.lr * (1 - start / num_train)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            local = perm[start:start + hp.batch_size][info.rank::info.world_size]
+            stats = train_step(ddp_model, reward_model, optimizer, label_type,
+                               {k: v[local] for k, v in train_labels.items()}, info, precision,
+                               hp.run.train_micro_batch)
+            stats = dist.all_reduce_mean_dict(stats, info.device)
+            logged = {f"train_reward/minibatch/{k}": v for k, v in stats.items()}
+            logged["train_reward/lr"] = lr
+            for k, v in stats.items():
+                if not math.isfinite(v):
+                    raise FloatingPointError(f"reward training step {step}: statistic {k} = {v} is not finite; "
+                                             f"lower --lr or check the labels")
+            if step % hp.run.log_interval == 0 or step == len(steps) - 1:
+                logger.log(logged, step)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            if hp.run.eval_interval and step % hp.run.eval_interval == 0 and step > 0:
+                logger.log(evaluate_heldout(reward_model, label_type, heldout, info, precision,
+                                            hp.run.rollout_micro_batch), step)
+
+        if hp.normalize_after:
+            normalize(reward_model, ref_policy, sampler, hp, info, precision, generator, (0.0, 1.0),
+                      "normalize_after", logger, len(steps))
+        heldout_stats = evaluate_heldout(reward_model, label_type, heldout, info, precision,
+                                         hp.run.rollout_micro_batch)
+        if heldout_stats:
+            logger.log(heldout_stats, len(steps))
+            if info.is_main:
+                print(format_stats(heldout_stats))
+        elapsed = time.time() - t0
+        logger.log({"train_reward/elapsed/time": elapsed}, len(steps))
+        if info.is_main and save_dir is not None:
+            save_reward_model(save_dir, reward_model, hp, encoding_name(task.policy.initial_model))
+            print(f"saved reward model to {save_dir / REWARD_DIR} ({elapsed:.1f}s)")
+        dist.barrier()
+    finally:
+        logger.finish()
+    return save_dir / REWARD_DIR if save_dir else reward_model
+
+
+def train_step(ddp_model, reward_model, optimizer, label_type, batch, info, precision, micro_batch):
+    """One optimizer step on this rank's share of a label batch, with optional gradient accumulation."""
+    n = len(batch[next(iter(batch))])
+    optimizer.zero_grad(set_to_none=True)
+    pieces = chunks(n, micro_batch)
+    totals = {}
+    for i, sl in enumerate(pieces):
+        part = {k: v[sl] for k, v in batch.items()}
+        weight = (sl.stop - sl.start) / n
+        sync = i == len(pieces) - 1 or not dist.is_distributed()
+        ctx = ddp_model.no_sync() if not sync else _nullcontext()
+        with ctx, dist.autocast(info.device, precision):
+            loss, stats = label_batch_loss(ddp_model, label_type, part, info.device)
+            (loss * weight).backward()
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * weight
+    optimizer.step()
+    return totals
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

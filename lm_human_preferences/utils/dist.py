@@ -1,0 +1,146 @@
+"""torchrun / DDP plumbing: process-group setup, rank helpers, broadcasts and all-reduces of statistics.
+
+Works with `torchrun --nnodes N --nproc_per_node M`: the global RANK is used for data sharding, seeding and
+rank-0 duties; LOCAL_RANK only picks the GPU. NCCL on GPU, gloo on CPU. A single process needs no torchrun.
+"""
+import datetime
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0  # global rank: sharding, seeding, rank-0 duties
+    world_size: int = 1
+    local_rank: int = 0  # picks the GPU on this node
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("run.device=cuda but no CUDA device is available; use --run.device cpu")
+        return torch.device("cuda", local_rank)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"unknown run.device {device!r}; use auto, cpu or cuda")
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Reads torchrun's environment, initialises the process group when WORLD_SIZE > 1, and picks the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=float(os.environ.get("LMHP_DIST_TIMEOUT", "1800")))
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout,
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0):
+    """Copies every parameter and buffer of rank `src` to all ranks (only rank 0 loads checkpoints)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_mean_dict(stats: dict, device) -> dict:
+    """Averages a dict of scalars over ranks in one collective (the original's FlatStats.map_flat(allreduce_mean))."""
+    keys = sorted(stats)
+    if not keys:
+        return {}
+    flat = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= dist.get_world_size()
+    return dict(zip(keys, flat.tolist()))
+
+
+def all_ranks_agree(flag: bool, device) -> bool:
+    """True on every rank if `flag` is true on any rank (used for stop signals)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def rank_seed(seed, rank: int):
+    """The original's per-rank seed: seed + 100003 * rank (None stays unseeded)."""
+    return None if seed is None else seed + 100003 * rank
+
+
+def seed_everything(seed):
+    """Seeds Python, NumPy and torch; returns the NumPy RandomState used for permutations."""
+    import random
+    if seed is None:
+        return np.random.RandomState()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return np.random.RandomState(seed % 2**32)
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is bf16 on CUDA and fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown run.precision {precision!r}; use auto, fp32 or bf16")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """bfloat16 autocast for 'bf16' (float32 master weights; the model keeps logits/softmax in float32)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def exact_batch(total: int, parts: int, name: str) -> int:
+    """total / parts, or a ValueError naming the setting when it does not divide evenly."""
+    if parts <= 0 or total % parts:
+        raise ValueError(f"{name}={total} is not divisible by {parts}; choose a multiple of {parts}")
+    return total // parts

@@ -1,0 +1,118 @@
+"""label_types.py: the three losses against numpy, the label statistics against the original
+(tests/reference/reward_model.npz), schemas, target scales and name parsing.
+
+The original's recorded losses come from running its reward model on the labels; the rewards themselves are
+not recorded, so the loss values are checked on numpy transcriptions of ORIGINAL §8.2 instead."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lm_human_preferences import label_types
+from lm_human_preferences.utils.core import Schema
+
+REF = Path(__file__).parent / "reference"
+
+
+def _np_softmax_xent(logits, labels):
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(labels)), labels].mean()
+
+
+def test_get_label_type_parses_names():
+    lt = label_types.get_label_type("best_of_4")
+    assert lt.name == "best_of_4" and lt.num_responses == 4
+    assert lt.response_keys == ("sample0", "sample1", "sample2", "sample3")
+    assert label_types.get_label_type("best_of_7").num_responses == 7
+    assert label_types.get_label_type("scalar_rating").response_keys == ("sample",)
+    assert label_types.get_label_type("scalar_compare").response_keys == ("sample0", "sample1")
+    for bad in ("best_of_x", "best_of_", "pairwise", "best_of_4 "):
+        with pytest.raises(ValueError, match="scalar_rating, scalar_compare"):
+            label_types.get_label_type(bad)
+    with pytest.raises(ValueError, match="N >= 2"):
+        label_types.get_label_type("best_of_1")
+
+
+def test_schemas():
+    lt = label_types.get_label_type("best_of_4")
+    schemas = lt.schemas(query_length=5, response_length=6)
+    assert set(schemas) == {"query", "sample0", "sample1", "sample2", "sample3", "best"}
+    assert schemas["query"] == Schema(np.int32, (5,)) and schemas["sample3"] == Schema(np.int32, (6,))
+    assert schemas["best"] == Schema(np.int32, ())
+    assert label_types.get_label_type("scalar_rating").label_schemas() == {"score": Schema(np.float32, ())}
+    assert label_types.get_label_type("scalar_compare").label_schemas() == {"difference": Schema(np.float32, ())}
+
+
+def test_best_of_n_loss_and_accuracy():
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=(16, 4)).astype(np.float32)
+    best = rng.integers(0, 4, size=16)
+    lt = label_types.get_label_type("best_of_4")
+    loss, stats = lt.loss(torch.tensor(rewards), {"best": torch.tensor(best, dtype=torch.int32)})
+    np.testing.assert_allclose(float(loss), _np_softmax_xent(rewards.astype(np.float64), best), rtol=1e-6)
+    assert float(stats["loss"]) == float(stats["error"]) == float(loss)
+    assert float(stats["accuracy"]) == pytest.approx((rewards.argmax(1) == best).mean())
+    # equal rewards are chance level: ln N
+    loss, _ = lt.loss(torch.zeros(3, 4), {"best": torch.tensor([0, 1, 3])})
+    assert float(loss) == pytest.approx(np.log(4), rel=1e-6)
+    with pytest.raises(ValueError, match=r"\(B, 4\)"):
+        lt.loss(torch.zeros(3, 2), {"best": torch.tensor([0, 1, 1])})
+
+
+def test_best_of_n_common_bias_has_zero_gradient():
+    rng = np.random.default_rng(1)
+    raw = torch.tensor(rng.normal(size=(8, 4)), dtype=torch.float64)
+    gain = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    best = torch.tensor(rng.integers(0, 4, size=8))
+    loss, _ = label_types.get_label_type("best_of_4").loss(gain * raw + bias, {"best": best})
+    loss.backward()
+    assert abs(float(bias.grad)) < 1e-15
+    assert abs(float(gain.grad)) > 1e-3  # the gain, by contrast, is trained
+
+
+def test_scalar_rating_loss_and_stats():
+    rng = np.random.default_rng(2)
+    predicted = rng.normal(size=16).astype(np.float32)
+    score = (0.4 * predicted + rng.normal(size=16)).astype(np.float32)
+    lt = label_types.get_label_type("scalar_rating")
+    labels = {"score": torch.tensor(score)}
+    loss, stats = lt.loss(torch.tensor(predicted), labels)
+    loss2, _ = lt.loss(torch.tensor(predicted)[:, None], labels)
+    p, s = predicted.astype(np.float64), score.astype(np.float64)
+    np.testing.assert_allclose(float(loss), ((s - p) ** 2).mean(), rtol=1e-6)
+    assert float(loss2) == float(loss) == float(stats["error"])
+    np.testing.assert_allclose(float(stats["label_mean"]), s.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(stats["label_var"]), s.var(), rtol=1e-6)
+    np.testing.assert_allclose(float(stats["corr"]), np.corrcoef(s, p)[0, 1], rtol=1e-5)
+    assert torch.equal(lt.target_scales(labels), labels["score"])
+
+
+def test_scalar_rating_label_stats_match_original():
+    rm = np.load(REF / "reward_model.npz")
+    score = torch.tensor(rm["in/rating_labels/score"])
+    _, stats = label_types.get_label_type("scalar_rating").loss(torch.zeros(16), {"score": score})
+    np.testing.assert_allclose(float(stats["label_mean"]), rm["out/init/scalar_rating/label_mean"], rtol=1e-6)
+    np.testing.assert_allclose(float(stats["label_var"]), rm["out/init/scalar_rating/label_var"], rtol=1e-6)
+
+
+def test_scalar_compare_loss_and_target_scales():
+    rng = np.random.default_rng(3)
+    rewards = rng.normal(size=(16, 2)).astype(np.float32)
+    difference = rng.normal(size=16).astype(np.float32)
+    lt = label_types.get_label_type("scalar_compare")
+    labels = {"difference": torch.tensor(difference)}
+    loss, stats = lt.loss(torch.tensor(rewards), labels)
+    r = rewards.astype(np.float64)
+    np.testing.assert_allclose(float(loss), ((difference - (r[:, 1] - r[:, 0])) ** 2).mean(), rtol=1e-6)
+    assert set(stats) == {"loss", "error"}
+    np.testing.assert_allclose(lt.target_scales(labels).numpy(), difference / 2)
+    assert label_types.get_label_type("best_of_4").target_scales({"best": torch.zeros(2)}) is None
+
+
+def test_losses_are_float32_for_bf16_rewards():
+    rewards = torch.randn(8, 4).bfloat16()
+    loss, _ = label_types.get_label_type("best_of_4").loss(rewards, {"best": torch.zeros(8, dtype=torch.long)})
+    assert loss.dtype == torch.float32
