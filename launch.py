@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """The command line of the port.
 
-    python launch.py train_reward <experiment> <name> [--save_dir runs] [--dry_run] [--resume|--overwrite] [--key value ...]
-    python launch.py train_policy <experiment> <name> [--save_dir runs] [--dry_run] [--resume|--overwrite] [--key value ...]
-    python launch.py sample <run_dir> [--temperature T] [--nsamples N] [--batch_size B] [--seed S] [--no-score] [--out PATH]
+    python launch.py train_reward <experiment> <name> [--save_dir runs] [--dry_run] [--resume|--overwrite]
+                                   [--dotted.key value ...]
+    python launch.py train_policy <experiment> <name> [--save_dir runs] [--dry_run] [--resume|--overwrite]
+                                   [--dotted.key value ...]
+    python launch.py sample <run_dir> [--temperature T] [--nsamples N] [--batch_size B] [--seed S]
+                            [--score|--no-score] [--out PATH]
     python launch.py demo [demo arguments ...]
     python launch.py plot <run_dir> [--out DIR]
 

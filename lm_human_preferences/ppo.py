@@ -108,13 +108,13 @@ def ppo_loss(logprob: torch.Tensor, vpred: torch.Tensor, entropies: torch.Tensor
     vf_losses1 = (vpred - returns).square()
     vf_losses2 = (vpredclipped - returns).square()
     vf_loss = 0.5 * torch.maximum(vf_losses1, vf_losses2).mean()
-    vf_clipfrac = (vf_losses2 > vf_losses1).float().mean()
+    vf_clipfrac = (vf_losses2 > vf_losses1).to(vf_losses1.dtype).mean()
 
     ratio = torch.exp(logprob - old_logprob)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     pg_loss = torch.maximum(pg_losses, pg_losses2).mean()
-    pg_clipfrac = (pg_losses2 > pg_losses).float().mean()
+    pg_clipfrac = (pg_losses2 > pg_losses).to(pg_losses.dtype).mean()
 
     loss = pg_loss + vf_coef * vf_loss
 

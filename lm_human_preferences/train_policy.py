@@ -5,6 +5,7 @@ per-token rewards with the current beta -> noptepochs x nminibatches of PPO -> s
 update -> log -> checkpoint. Whitening stays rank-local per minibatch as in the original; `ppo.whiten_world_size`
 emulates the original's 8-rank grouping on fewer GPUs.
 """
+import contextlib
 import math
 import signal
 import time
@@ -52,6 +53,55 @@ def make_kl_controller(rewards_hp):
     return ppo.FixedKLController(rewards_hp.kl_coef)
 
 
+def ppo_minibatch(ddp_policy, optimizer, mb, *, ppo_hp, lr, n_groups, micro_batch, device, precision):
+    """One optimizer step of PPO on a rank-local minibatch `mb` (queries, responses, logprobs, values, rewards).
+
+    Advantages are computed on the whole minibatch (whitening needs it); the forward/backward may then run in
+    pieces of `micro_batch` rows whose weighted gradients add up to the full minibatch's.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    adv = ppo.compute_advantages(mb["values"], mb["rewards"], ppo_hp.gamma, ppo_hp.lam, ppo_hp.whiten_rewards,
+                                 n_groups=n_groups)
+    optimizer.zero_grad(set_to_none=True)
+    n = len(adv.advantages)
+    pieces = train_reward.chunks(n, micro_batch)
+    totals = {}
+    for i, sl in enumerate(pieces):
+        weight = (sl.stop - sl.start) / n
+        last = i == len(pieces) - 1
+        ctx = ddp_policy.no_sync() if (not last and isinstance(ddp_policy, DDP)) else contextlib.nullcontext()
+        with ctx, dist.autocast(device, precision):
+            new = ddp_policy(mb["queries"][sl], mb["responses"][sl])
+            loss, stats = ppo.ppo_loss(new["logprobs"], new["values"], new["entropies"], mb["logprobs"][sl],
+                                       mb["values"][sl], adv.advantages[sl], adv.returns[sl], ppo_hp.cliprange,
+                                       ppo_hp.cliprange_value, ppo_hp.vf_coef)
+        (loss * weight).backward()
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v * weight
+    optimizer.step()
+    if len(pieces) > 1:  # population moments of the inputs over the whole minibatch, not averaged over pieces
+        values = mb["values"].float()
+        totals["returns/mean"], totals["returns/var"] = adv.returns.mean(), adv.returns.var(unbiased=False)
+        totals["val/mean"], totals["val/var"] = values.mean(), values.var(unbiased=False)
+    return totals
+
+
+def ppo_train(ddp_policy, optimizer, rollouts, orders, *, ppo_hp, lr, nminibatches, n_groups, micro_batch, device,
+              precision):
+    """noptepochs passes (one per permutation in `orders`), each over nminibatches contiguous slices of it."""
+    stats = []
+    for order in orders:
+        size = len(order) // nminibatches
+        for start in range(0, len(order), size):
+            idx = order[start:start + size]
+            stats.append(ppo_minibatch(ddp_policy, optimizer, {k: v[idx] for k, v in rollouts.items()},
+                                       ppo_hp=ppo_hp, lr=lr, n_groups=n_groups, micro_batch=micro_batch,
+                                       device=device, precision=precision))
+    return stats
+
+
+
 class PPOTrainer:
     """Holds the models, optimizer, sampler and RNG of one rank and runs `step()` once per update."""
 
@@ -93,41 +143,6 @@ class PPOTrainer:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     # ---- training ------------------------------------------------------------------------------------------
-    def train_minibatch(self, mb, lr):
-        """One optimizer step of PPO on a rank-local minibatch `mb` (dict of tensors); returns its stats."""
-        hp = self.hp.ppo
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        advantages, returns = [], []
-        for g in torch.arange(len(mb["values"]), device=self.info.device).chunk(self.n_groups):
-            adv, ret = ppo.compute_advantages(mb["values"][g], mb["rewards"][g], hp.gamma, hp.lam, hp.whiten_rewards)[:2]
-            advantages.append(adv)
-            returns.append(ret)
-        advantages, returns = torch.cat(advantages), torch.cat(returns)
-
-        self.optimizer.zero_grad(set_to_none=True)
-        n = len(advantages)
-        pieces = train_reward.chunks(n, self.hp.run.train_micro_batch)
-        totals = {}
-        for i, sl in enumerate(pieces):
-            weight = (sl.stop - sl.start) / n
-            sync = i == len(pieces) - 1 or not dist.is_distributed()
-            ctx = self.ddp_policy.no_sync() if not sync else train_reward._nullcontext()
-            with ctx, dist.autocast(self.info.device, self.precision):
-                new = self.ddp_policy(mb["queries"][sl], mb["responses"][sl])
-                loss, stats = ppo.ppo_loss(new["logprobs"], new["values"], new["entropies"], mb["logprobs"][sl],
-                                           mb["values"][sl], advantages[sl], returns[sl], hp.cliprange,
-                                           hp.cliprange_value, hp.vf_coef)
-                (loss * weight).backward()
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * weight
-        self.optimizer.step()
-        # population statistics of the inputs are taken over the whole minibatch, not averaged over pieces
-        totals["returns/mean"], totals["returns/var"] = returns.mean().item(), returns.var(unbiased=False).item()
-        totals["val/mean"] = mb["values"].mean().item()
-        totals["val/var"] = mb["values"].var(unbiased=False).item()
-        return totals
-
     def step(self):
         """One PPO update on this rank; returns the all-reduced statistics and the rollout."""
         hp, info = self.hp, self.info
@@ -139,23 +154,19 @@ class PPOTrainer:
         rollouts = dict(queries=queries, responses=data["responses"], logprobs=data["logprobs"],
                         values=data["values"], rewards=rewards)
         lr = hp.ppo.lr * (1 - self.global_step / self.nupdates)
-        train_stats = []
-        for _ in range(hp.ppo.noptepochs):
-            order = torch.as_tensor(self.np_rng.permutation(self.batch), device=info.device)
-            for start in range(0, self.batch, self.minibatch):
-                idx = order[start:start + self.minibatch]
-                train_stats.append(self.train_minibatch({k: v[idx] for k, v in rollouts.items()}, lr))
-
-        stats = {f"ppo/{k}": float(np.mean([s[k] for s in train_stats])) for k in train_stats[0]}
-        stats.update(ppo.step_stats(scores=data["scores"], logprobs=data["logprobs"],
-                                    ref_logprobs=data["ref_logprobs"], non_score_reward=non_score_reward,
-                                    kl_coef=kl_coef))
-        stats = dist.all_reduce_mean_dict(stats, info.device)
-        stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"] \
-            if stats["ppo/returns/var"] else float("nan")
+        orders = [torch.as_tensor(self.np_rng.permutation(self.batch), device=info.device)
+                  for _ in range(hp.ppo.noptepochs)]
+        train_stats = ppo_train(self.ddp_policy, self.optimizer, rollouts, orders, ppo_hp=hp.ppo, lr=lr,
+                                nminibatches=hp.ppo.nminibatches, n_groups=self.n_groups,
+                                micro_batch=hp.run.train_micro_batch, device=info.device, precision=self.precision)
+        stats = ppo.step_stats(logprobs=data["logprobs"], ref_logprobs=data["ref_logprobs"],
+                               non_score_reward=non_score_reward, scores=data["scores"], kl_coef=kl_coef,
+                               train_stats=train_stats,
+                               reduce_fn=lambda st: dist.all_reduce_mean_tensors(st, info.device))
+        stats = {k: float(v) for k, v in stats.items()}
         stats["ppo/lr"] = lr
         for k, v in stats.items():
-            if not math.isfinite(v) and k != "ppo/val/var_explained":
+            if not math.isfinite(v):
                 raise FloatingPointError(f"PPO update {self.global_step}: statistic {k} = {v} is not finite; the "
                                          f"run stopped and the last good checkpoint is kept. Lower ppo.lr or use "
                                          f"--run.precision fp32")

@@ -3,6 +3,7 @@
 Runs alone or under torchrun. Every rank samples and scores its own share; the normalization sums, the gradients
 and every logged statistic are reduced over all ranks, so gain, bias and all weights stay identical everywhere.
 """
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -256,20 +257,13 @@ def train_step(ddp_model, reward_model, optimizer, label_type, batch, info, prec
     for i, sl in enumerate(pieces):
         part = {k: v[sl] for k, v in batch.items()}
         weight = (sl.stop - sl.start) / n
-        sync = i == len(pieces) - 1 or not dist.is_distributed()
-        ctx = ddp_model.no_sync() if not sync else _nullcontext()
-        with ctx, dist.autocast(info.device, precision):
-            loss, stats = label_batch_loss(ddp_model, label_type, part, info.device)
+        last = i == len(pieces) - 1
+        ctx = ddp_model.no_sync() if (not last and isinstance(ddp_model, DDP)) else contextlib.nullcontext()
+        with ctx:
+            with dist.autocast(info.device, precision):
+                loss, stats = label_batch_loss(ddp_model, label_type, part, info.device)
             (loss * weight).backward()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + float(v) * weight
     optimizer.step()
     return totals
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

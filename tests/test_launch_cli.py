@@ -78,3 +78,81 @@ def test_help_and_missing_command(tmp_path):
     for command in ('train_reward', 'train_policy', 'sample', 'demo', 'plot'):
         assert command in result.stdout
     assert _launch(cwd=tmp_path).returncode == 2
+
+
+# ---- dispatch to the commands (in-process, with stand-ins for the command modules) -------------------------
+
+class _Recorder:
+    """Stands in for a command module: records the calls of one function."""
+
+    def __init__(self, function_name, result=None, error=None):
+        self.calls = []
+        self.result, self.error = result, error
+        setattr(self, function_name, self._call)
+
+    def _call(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _install(monkeypatch, dotted, module):
+    import importlib
+    parent_name, _, name = dotted.rpartition('.')
+    monkeypatch.setitem(sys.modules, dotted, module)
+    monkeypatch.setattr(importlib.import_module(parent_name), name, module, raising=False)
+
+
+@pytest.fixture
+def launch_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(LAUNCH.parent))
+    import launch
+    return launch
+
+
+@pytest.mark.parametrize('command', ['train_reward', 'train_policy'])
+def test_training_commands_call_train(launch_module, monkeypatch, tmp_path, command):
+    trainer = _Recorder('train')
+    _install(monkeypatch, f'lm_human_preferences.{command}', trainer)
+    status = launch_module.main([command, 'test', 'run1', '--save_dir', str(tmp_path), '--resume',
+                                 '--run.seed', '5'])
+    assert status == 0
+    (args, kwargs), = trainer.calls
+    hparams, = args
+    assert kwargs == {'resume': True, 'overwrite': False}
+    assert hparams.run.save_dir == str(tmp_path / 'run1') and hparams.run.seed == 5
+    assert type(hparams).__name__ == {'train_reward': 'TrainRewardHParams',
+                                      'train_policy': 'TrainPolicyHParams'}[command]
+
+
+def test_hparams_error_from_trainer_exits_2(launch_module, monkeypatch, tmp_path, capsys):
+    from lm_human_preferences.utils.hyperparams import HParamsError
+    trainer = _Recorder('train', error=HParamsError("'ppo.batch_size' (8) must be divisible by the world size (3)"))
+    _install(monkeypatch, 'lm_human_preferences.train_policy', trainer)
+    assert launch_module.main(['train_policy', 'test', 'r', '--save_dir', str(tmp_path), '--overwrite']) == 2
+    assert capsys.readouterr().err == "error: 'ppo.batch_size' (8) must be divisible by the world size (3)\n"
+    assert trainer.calls[0][1] == {'resume': False, 'overwrite': True}
+
+
+def test_sample_plot_and_demo_dispatch(launch_module, monkeypatch, tmp_path):
+    sample, plotting, demo = _Recorder('main'), _Recorder('plot_run'), _Recorder('main', result=3)
+    _install(monkeypatch, 'lm_human_preferences.sample', sample)
+    _install(monkeypatch, 'lm_human_preferences.utils.plotting', plotting)
+    _install(monkeypatch, 'lm_human_preferences.demo', demo)
+
+    assert launch_module.main(['sample', str(tmp_path), '--temperature', '0.7', '--nsamples', '6', '--no-score',
+                               '--out', 'samples.json']) == 0
+    assert sample.calls == [((), dict(run_dir=str(tmp_path), temperature=0.7, nsamples=6, batch_size=4, seed=None,
+                                      score=False, out='samples.json'))]
+    assert launch_module.main(['plot', str(tmp_path), '--out', 'figs']) == 0
+    assert plotting.calls == [((str(tmp_path), 'figs'), {})]
+    assert launch_module.main(['demo', '--fast', '--out', 'static/demo']) == 3
+    assert demo.calls == [((['--fast', '--out', 'static/demo'],), {})]
+
+
+def test_split_overrides(launch_module):
+    launcher, overrides = launch_module.split_overrides(
+        ['exp', '--dry_run', '--a.b', '-1', 'name', '--save_dir', 'd', '--c=--x', '--d', ''])
+    assert launcher == ['exp', '--dry_run', 'name', '--save_dir', 'd']
+    assert overrides == {'a.b': '-1', 'c': '--x', 'd': ''}

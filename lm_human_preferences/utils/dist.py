@@ -144,3 +144,13 @@ def exact_batch(total: int, parts: int, name: str) -> int:
     if parts <= 0 or total % parts:
         raise ValueError(f"{name}={total} is not divisible by {parts}; choose a multiple of {parts}")
     return total // parts
+
+
+def all_reduce_mean_tensors(stats: dict, device) -> dict:
+    """Averages a dict of 0-d tensors over ranks with one collective; keeps them as tensors."""
+    keys = sorted(stats)
+    flat = torch.stack([torch.as_tensor(stats[k], device=device).float().reshape(()) for k in keys])
+    if is_distributed():
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat = flat / dist.get_world_size()
+    return dict(zip(keys, flat.unbind()))
