@@ -123,8 +123,6 @@ class TrainRewardHParams(HParams):
         _check_positive_world_size(world_size)
         for name in ('batch_size', 'rollout_batch_size'):
             _check_divisible(f'{prefix}{name}', getattr(self, name), world_size)
-        _check_micro_batch(f'{prefix}run.train_micro_batch', self.run.train_micro_batch,
-                           'per-rank batch', self.batch_size // world_size)
 
 
 @dataclass
@@ -238,8 +236,6 @@ class TrainPolicyHParams(HParams):
                 f"ppo.batch_size {ppo.batch_size} / (ppo.nminibatches {ppo.nminibatches} x "
                 f"{whiten_world_size} ranks) = {group}: raise --ppo.batch_size, use fewer ranks, or pass "
                 f"--ppo.whiten_rewards false")
-        _check_micro_batch('run.train_micro_batch', self.run.train_micro_batch, 'per-rank minibatch',
-                           minibatch)
         if self.rewards.train_new_model is not None:
             self.rewards.train_new_model.check_world_size(world_size, prefix='rewards.train_new_model.')
 
@@ -261,12 +257,6 @@ def _check_divisible(what: str, value: int, divisor: int, divisor_name: str = 't
     """Raises HParamsError unless ``value`` is a multiple of ``divisor``, naming both numbers."""
     if value % divisor != 0:
         what = what if what.startswith('per-rank') else f"'{what}'"
-        raise HParamsError(f"{what} ({value}) must be divisible by {divisor_name} ({divisor}); the nearest "
-                           f"valid values are {value - value % divisor} and {value - value % divisor + divisor}")
-
-
-def _check_micro_batch(key: str, micro_batch: Optional[int], what: str, size: int) -> None:
-    """Raises HParamsError unless the micro-batch (if set) divides the per-rank batch it chunks."""
-    if micro_batch is not None and size % micro_batch != 0:
-        raise HParamsError(f"'{key}' ({micro_batch}) must divide the {what} ({size}); pass a divisor of "
-                           f"{size}, or None for the whole batch")
+        lower = value - value % divisor
+        nearest = ' or '.join(str(v) for v in (lower, lower + divisor) if v > 0)
+        raise HParamsError(f"{what} ({value}) must be divisible by {divisor_name} ({divisor}), e.g. {nearest}")

@@ -71,12 +71,13 @@ def ppo_minibatch(ddp_policy, optimizer, mb, *, ppo_hp, lr, n_groups, micro_batc
         weight = (sl.stop - sl.start) / n
         last = i == len(pieces) - 1
         ctx = ddp_policy.no_sync() if (not last and isinstance(ddp_policy, DDP)) else contextlib.nullcontext()
-        with ctx, dist.autocast(device, precision):
-            new = ddp_policy(mb["queries"][sl], mb["responses"][sl])
-            loss, stats = ppo.ppo_loss(new["logprobs"], new["values"], new["entropies"], mb["logprobs"][sl],
-                                       mb["values"][sl], adv.advantages[sl], adv.returns[sl], ppo_hp.cliprange,
-                                       ppo_hp.cliprange_value, ppo_hp.vf_coef)
-        (loss * weight).backward()
+        with ctx:
+            with dist.autocast(device, precision):
+                new = ddp_policy(mb["queries"][sl], mb["responses"][sl])
+                loss, stats = ppo.ppo_loss(new["logprobs"], new["values"], new["entropies"], mb["logprobs"][sl],
+                                           mb["values"][sl], adv.advantages[sl], adv.returns[sl], ppo_hp.cliprange,
+                                           ppo_hp.cliprange_value, ppo_hp.vf_coef)
+            (loss * weight).backward()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v * weight
     optimizer.step()

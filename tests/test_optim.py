@@ -154,6 +154,11 @@ def test_bfloat16_params_keep_float32_state():
     assert opt16.state[p16]["exp_avg"].dtype == torch.float32
     assert opt16.state[p16]["exp_avg_sq"].dtype == torch.float32
     torch.testing.assert_close(p16.float(), p32.detach(), rtol=1e-2, atol=2e-2)
+    restored = TFAdam([p16])
+    restored.load_state_dict(opt16.state_dict())
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert restored.state[p16][k].dtype == torch.float32
+        torch.testing.assert_close(restored.state[p16][k], opt16.state[p16][k], rtol=0, atol=0)
 
 
 def test_rejects_bad_hyperparameters():

@@ -170,6 +170,50 @@ def _memmap(path: pathlib.Path, dtype: np.dtype) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def _encode_main(text: str) -> list[int]:
+    """GPT-2 token ids of `text` (a top-level function, so process pools can pickle it)."""
+    from lm_human_preferences.language.encodings import get_encoding
+    return get_encoding("main").encode(text)
+
+
+def encode_texts(texts: Iterable[str], *, workers: int = 1, window: int = 2048) -> Iterator[list[int]]:
+    """GPT-2 token ids of each text, in order; `workers` > 1 encodes `window` texts at a time in a process pool."""
+    _check_positive_int("workers", workers)
+    if workers == 1:
+        yield from map(_encode_main, texts)
+        return
+    import itertools
+    import multiprocessing
+
+    iterator = iter(texts)
+    with multiprocessing.Pool(workers) as pool:
+        # Fixed-size windows keep memory bounded (Pool.imap would read the whole input ahead).
+        while chunk := list(itertools.islice(iterator, window)):
+            yield from pool.map(_encode_main, chunk, chunksize=max(1, len(chunk) // (4 * workers)))
+
+
+def write_prepared_texts(path_prefix: str | os.PathLike, texts: Iterable[str], *, workers: int = 1,
+                         total: int | None = None, desc: str | None = None) -> tuple[int, int]:
+    """Encode texts with GPT-2's BPE and write them as prepared token files, with a progress bar.
+
+    Returns (n_docs, n_tokens).
+    """
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="doc", desc=desc or pathlib.Path(path_prefix).name) as bar:
+        def counted(docs):
+            for doc in docs:
+                bar.update(1)
+                yield doc
+        return write_token_file(path_prefix, counted(encode_texts(texts, workers=workers)))
+
+
+def format_summary(path_prefix: str | os.PathLike, n_docs: int, n_tokens: int, skipped: int) -> str:
+    """The one-line summary the preparation scripts print."""
+    bin_path, idx_path = token_file_paths(path_prefix)
+    return (f"wrote {bin_path} and {idx_path.name}: documents {n_docs}, tokens {n_tokens}, skipped {skipped}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Query construction
 

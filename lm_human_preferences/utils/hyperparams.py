@@ -104,17 +104,20 @@ class HParams:
 
     def _apply(self, parsed: Mapping[str, Any], typemap: Mapping[str, Any]) -> None:
         """Sets already-typed values parents-first, creating missing parent structs with their defaults."""
+        for key in parsed:
+            parts = key.split('.')
+            for depth in range(1, len(parts)):
+                parent_key = '.'.join(parts[:depth])
+                if parent_key in parsed and parsed[parent_key] is None:
+                    raise HParamsError(f"cannot set '{key}': '{parent_key}' is set to off in the same "
+                                       f"overrides; drop one of the two")
         for key in sorted(parsed, key=lambda k: k.split('.')):
             *parents, leaf = key.split('.')
             node = self
             for depth, name in enumerate(parents):
                 child = getattr(node, name)
                 if child is None:
-                    parent_key = '.'.join(parents[:depth + 1])
-                    if parent_key in parsed:
-                        raise HParamsError(f"cannot set '{key}': '{parent_key}' is set to off in the same "
-                                           f"overrides; drop one of the two")
-                    child = _struct_class(typemap[parent_key])[0]()
+                    child = _struct_class(typemap['.'.join(parents[:depth + 1])])[0]()
                     setattr(node, name, child)
                 node = child
             setattr(node, leaf, parsed[key])

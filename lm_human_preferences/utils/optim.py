@@ -84,8 +84,12 @@ class TFAdam(torch.optim.Optimizer):
             raise ValueError(f"not a TFAdam state dict (no 'step_count'; keys {sorted(state_dict)})")
         step_count = int(state_dict.pop("step_count"))
         super().load_state_dict(state_dict)
-        for state in self.state.values():
+        # torch casts loaded state to each param's dtype; put m and v back in float32 from the saved tensors
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
             for k in ("exp_avg", "exp_avg_sq"):
-                if k in state:
-                    state[k] = state[k].float()
+                if k in saved:
+                    self.state[p][k] = saved[k].to(device=p.device, dtype=torch.float32, copy=True)
         self.step_count = step_count
