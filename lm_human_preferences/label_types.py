@@ -1,10 +1,12 @@
 """Label types for reward-model training (ORIGINAL §8.2): their record schemas, losses and target scales.
 
-A loss takes the reward model's outputs for the label's responses, stacked in `response_keys` order as
-rewards (B, num_responses), plus the label fields, and returns (loss, stats). Stats are detached 0-d tensors.
+`loss_from_rewards(rewards, labels)` is the pure loss: the reward model's outputs for the label's responses,
+stacked in `response_keys` order as rewards (B, num_responses), plus the label fields -> (loss, stats).
+`loss(reward_model, labels)` scores all responses of a batch in one reward_model(queries, responses) call and
+applies it. Stats are detached 0-d tensors.
 """
 from abc import ABC, abstractmethod
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,6 +17,8 @@ from lm_human_preferences.utils.core import Schema, pearson_r
 VALID_LABEL_TYPES = ("best_of_N (e.g. best_of_4)", "scalar_rating", "scalar_compare")
 
 Stats = Dict[str, torch.Tensor]
+Labels = Mapping[str, torch.Tensor]  # a batch of label records, field -> (B, ...)
+RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (queries (B, Q), responses (B, T)) -> (B,)
 
 
 def _rewards_2d(rewards: torch.Tensor, num_responses: int, name: str) -> torch.Tensor:
@@ -29,6 +33,8 @@ class LabelType(ABC):
     name: str
     response_keys: Tuple[str, ...]
     label_keys: Tuple[str, ...]
+    has_accuracy = False  # whether loss stats include 'accuracy'
+    chance_accuracy: Optional[float] = None
 
     @property
     def num_responses(self) -> int:
@@ -51,16 +57,37 @@ class LabelType(ABC):
         """Schema of the human annotation."""
 
     @abstractmethod
-    def target_scales(self, labels: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    def target_scales(self, labels: Mapping) -> Optional[torch.Tensor]:
         """Label values on the reward model's output scale (for normalize_before), or None."""
 
+    def target_mean_std(self, labels: Mapping) -> Tuple[float, float]:
+        """(mean, population std) of the target scales over `labels`; (0, 1) when the type has none (§9.2)."""
+        scales = self.target_scales(labels)
+        if scales is None:
+            return 0.0, 1.0
+        scales = np.asarray(scales.cpu() if isinstance(scales, torch.Tensor) else scales, dtype=np.float64)
+        return float(scales.mean()), float(scales.std())
+
     @abstractmethod
-    def loss(self, rewards: torch.Tensor, labels: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Stats]:
+    def loss_from_rewards(self, rewards: torch.Tensor, labels: Labels) -> Tuple[torch.Tensor, Stats]:
         """(loss, stats) from rewards (B, num_responses) and the label fields."""
+
+    def rewards(self, reward_model: RewardFn, labels: Labels) -> torch.Tensor:
+        """reward_model on (query, each response), in one call over the stacked batch; -> (B, num_responses)."""
+        queries = labels["query"]
+        batch = queries.shape[0]
+        stacked_queries = queries.repeat(self.num_responses, 1)  # (N*B, Q)
+        stacked_responses = torch.cat([labels[k] for k in self.response_keys], dim=0)  # (N*B, T)
+        return reward_model(stacked_queries, stacked_responses).reshape(self.num_responses, batch).T
+
+    def loss(self, reward_model: RewardFn, labels: Labels) -> Tuple[torch.Tensor, Stats]:
+        """(loss, stats) of a batch of labels under reward_model(queries, responses) -> (B,)."""
+        return self.loss_from_rewards(self.rewards(reward_model, labels), labels)
 
 
 class PickBest(LabelType):
     """best_of_N: the labeler picks the best of N responses; softmax cross-entropy over the N rewards."""
+    has_accuracy = True
 
     def __init__(self, num_responses: int):
         if num_responses < 2:
@@ -68,6 +95,7 @@ class PickBest(LabelType):
         self.name = f"best_of_{num_responses}"
         self.response_keys = tuple(f"sample{i}" for i in range(num_responses))
         self.label_keys = ("best",)
+        self.chance_accuracy = 1.0 / num_responses
 
     def label_schemas(self):
         return {"best": Schema(np.int32, ())}
@@ -75,7 +103,7 @@ class PickBest(LabelType):
     def target_scales(self, labels):
         return None
 
-    def loss(self, rewards, labels):
+    def loss_from_rewards(self, rewards, labels):
         logits = _rewards_2d(rewards, self.num_responses, self.name)  # (B, N)
         best = labels["best"].long()
         error = F.cross_entropy(logits, best)
@@ -95,7 +123,7 @@ class ScalarRating(LabelType):
     def target_scales(self, labels):
         return labels["score"]
 
-    def loss(self, rewards, labels):
+    def loss_from_rewards(self, rewards, labels):
         """rewards (B,) or (B, 1); labels['score'] (B,)."""
         if rewards.dim() == 1:
             rewards = rewards[:, None]
@@ -122,7 +150,7 @@ class ScalarComparison(LabelType):
         # Halved so its variance matches a single reward's
         return labels["difference"] / 2
 
-    def loss(self, rewards, labels):
+    def loss_from_rewards(self, rewards, labels):
         rewards = _rewards_2d(rewards, 2, self.name)  # (B, 2)
         predicted_differences = rewards[:, 1] - rewards[:, 0]
         error = (labels["difference"].to(rewards.dtype) - predicted_differences).square().mean()
@@ -135,6 +163,7 @@ def get_label_type(name: str) -> LabelType:
         return ScalarRating()
     if name == "scalar_compare":
         return ScalarComparison()
-    if name.startswith("best_of_") and name[len("best_of_"):].isdigit():
-        return PickBest(int(name[len("best_of_"):]))
+    n = name[len("best_of_"):]
+    if name.startswith("best_of_") and n.isascii() and n.isdigit():
+        return PickBest(int(n))
     raise ValueError(f"Unknown label type {name!r}; valid: {', '.join(VALID_LABEL_TYPES)}")

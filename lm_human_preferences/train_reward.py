@@ -63,9 +63,9 @@ def chunks(n: int, size):
 
 
 @torch.no_grad()
-def reward_stats(reward_model, ref_policy, sampler, hp, info, precision, generator):
-    """Population mean/std of the reward on ceil(normalize_samples/rollout_batch_size) rollout batches (§9.2)."""
-    n_batches = math.ceil(hp.normalize_samples / hp.rollout_batch_size)
+def reward_stats(reward_model, ref_policy, sampler, hp, info, precision, generator, n_samples):
+    """Population mean/std of the reward on ceil(n_samples/rollout_batch_size) rollout batches (§9.2)."""
+    n_batches = math.ceil(n_samples / hp.rollout_batch_size)
     total = torch.zeros(3, dtype=torch.float64, device=info.device)  # sum r, sum r^2, count
     for _ in range(n_batches):
         queries = torch.as_tensor(sampler.next_batch(), device=info.device)
@@ -73,8 +73,9 @@ def reward_stats(reward_model, ref_policy, sampler, hp, info, precision, generat
             with dist.autocast(info.device, precision):
                 responses = ref_policy.respond(queries[sl], hp.task.response_length, generator=generator)["responses"]
                 r = reward_model(queries[sl], responses).double()
-            total += torch.stack([r.sum(), (r * r).sum(), torch.tensor(float(len(r)), device=info.device,
-                                                                            dtype=torch.float64)])
+            total[0] += r.sum()
+            total[1] += (r * r).sum()
+            total[2] += len(r)
     total = dist.all_reduce_sum(total)
     mean = total[0] / total[2]
     std = torch.sqrt(torch.clamp(total[1] / total[2] - mean * mean, min=0.0))
@@ -84,7 +85,8 @@ def reward_stats(reward_model, ref_policy, sampler, hp, info, precision, generat
 def normalize(reward_model, ref_policy, sampler, hp, info, precision, generator, target, tag, logger, step):
     """Resets gain/bias to (1, 0), then sets them so rewards of reference samples have (target mean, target std)."""
     reward_model.reset_reward_scale()
-    mean, std = reward_stats(reward_model, ref_policy, sampler, hp, info, precision, generator)
+    mean, std = reward_stats(reward_model, ref_policy, sampler, hp, info, precision, generator,
+                             hp.normalize_samples)
     reward_model.set_reward_norm(old_mean=mean, old_std=std, new_mean=target[0], new_std=target[1])
     stats = {f"train_reward/{tag}/mean": mean, f"train_reward/{tag}/std": std,
              f"train_reward/{tag}/gain": reward_model.gain.item(), f"train_reward/{tag}/bias": reward_model.bias.item()}
@@ -93,17 +95,14 @@ def normalize(reward_model, ref_policy, sampler, hp, info, precision, generator,
               f"bias {stats[f'train_reward/{tag}/bias']:.4f}")
     logger.log(stats, step)
     if hp.debug_normalize:
-        debug = hp.__class__.from_nested_dict(hp.to_nested_dict()) if hasattr(hp, "from_nested_dict") else hp
-        debug.normalize_samples = hp.debug_normalize
-        m, s = reward_stats(reward_model, ref_policy, sampler, debug, info, precision, generator)
+        m, s = reward_stats(reward_model, ref_policy, sampler, hp, info, precision, generator, hp.debug_normalize)
         if info.is_main:
             print(f"after normalize: {m:.4f} +- {s:.4f}")
 
 
-def label_batch_loss(reward_model, label_type, batch, device):
-    """Loss and stats of one batch of labels (a dict of numpy arrays) under the current reward model."""
-    t = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
-    return label_type.loss(reward_model, t)
+def label_batch_loss(reward_fn, label_type, batch, device):
+    """Loss and stats of one batch of labels (a dict of arrays); the label type scores all responses in one call."""
+    return label_type.loss(reward_fn, {k: torch.as_tensor(np.asarray(v), device=device) for k, v in batch.items()})
 
 
 def evaluate_heldout(reward_model, label_type, heldout, info, precision, micro_batch):
@@ -121,13 +120,13 @@ def evaluate_heldout(reward_model, label_type, heldout, info, precision, micro_b
             with dist.autocast(info.device, precision):
                 loss, stats = label_batch_loss(reward_model, label_type, part, info.device)
             count = float(len(idx[sl]))
-            acc = float(stats.get("accuracy", float("nan")))
+            acc = float(stats.get("accuracy", 0.0))
             sums += torch.tensor([float(loss) * count, acc * count, count], dtype=torch.float64, device=info.device)
     sums = dist.all_reduce_sum(sums)
     out = {"train_reward/heldout/loss": (sums[0] / sums[2]).item(), "train_reward/heldout/count": sums[2].item()}
-    if label_type.has_accuracy:
+    if hasattr(label_type, "response_keys") and label_type.name.startswith("best_of_"):
         out["train_reward/heldout/accuracy"] = (sums[1] / sums[2]).item()
-        out["train_reward/heldout/chance_accuracy"] = label_type.chance_accuracy
+        out["train_reward/heldout/chance_accuracy"] = 1.0 / label_type.num_responses
     return out
 
 

@@ -1,8 +1,10 @@
 """label_types.py: the three losses against numpy, the label statistics against the original
 (tests/reference/reward_model.npz), schemas, target scales and name parsing.
 
-The original's recorded losses come from running its reward model on the labels; the rewards themselves are
-not recorded, so the loss values are checked on numpy transcriptions of ORIGINAL §8.2 instead."""
+The original's recorded losses come from running its reward model on the labels (the rewards themselves are
+not recorded): they are checked with the port's GPT-2 loaded from the recorded weights, and the loss functions
+on their own against numpy transcriptions of ORIGINAL §8.2."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,8 @@ import pytest
 import torch
 
 from lm_human_preferences import label_types
+from lm_human_preferences.language.model import GPT2, GPT2Config
+from lm_human_preferences.language.trained_models import tf_to_state_dict
 from lm_human_preferences.utils.core import Schema
 
 REF = Path(__file__).parent / "reference"
@@ -50,15 +54,15 @@ def test_best_of_n_loss_and_accuracy():
     rewards = rng.normal(size=(16, 4)).astype(np.float32)
     best = rng.integers(0, 4, size=16)
     lt = label_types.get_label_type("best_of_4")
-    loss, stats = lt.loss(torch.tensor(rewards), {"best": torch.tensor(best, dtype=torch.int32)})
+    loss, stats = lt.loss_from_rewards(torch.tensor(rewards), {"best": torch.tensor(best, dtype=torch.int32)})
     np.testing.assert_allclose(float(loss), _np_softmax_xent(rewards.astype(np.float64), best), rtol=1e-6)
     assert float(stats["loss"]) == float(stats["error"]) == float(loss)
     assert float(stats["accuracy"]) == pytest.approx((rewards.argmax(1) == best).mean())
     # equal rewards are chance level: ln N
-    loss, _ = lt.loss(torch.zeros(3, 4), {"best": torch.tensor([0, 1, 3])})
+    loss, _ = lt.loss_from_rewards(torch.zeros(3, 4), {"best": torch.tensor([0, 1, 3])})
     assert float(loss) == pytest.approx(np.log(4), rel=1e-6)
     with pytest.raises(ValueError, match=r"\(B, 4\)"):
-        lt.loss(torch.zeros(3, 2), {"best": torch.tensor([0, 1, 1])})
+        lt.loss_from_rewards(torch.zeros(3, 2), {"best": torch.tensor([0, 1, 1])})
 
 
 def test_best_of_n_common_bias_has_zero_gradient():
@@ -67,7 +71,7 @@ def test_best_of_n_common_bias_has_zero_gradient():
     gain = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     best = torch.tensor(rng.integers(0, 4, size=8))
-    loss, _ = label_types.get_label_type("best_of_4").loss(gain * raw + bias, {"best": best})
+    loss, _ = label_types.get_label_type("best_of_4").loss_from_rewards(gain * raw + bias, {"best": best})
     loss.backward()
     assert abs(float(bias.grad)) < 1e-15
     assert abs(float(gain.grad)) > 1e-3  # the gain, by contrast, is trained
@@ -79,8 +83,8 @@ def test_scalar_rating_loss_and_stats():
     score = (0.4 * predicted + rng.normal(size=16)).astype(np.float32)
     lt = label_types.get_label_type("scalar_rating")
     labels = {"score": torch.tensor(score)}
-    loss, stats = lt.loss(torch.tensor(predicted), labels)
-    loss2, _ = lt.loss(torch.tensor(predicted)[:, None], labels)
+    loss, stats = lt.loss_from_rewards(torch.tensor(predicted), labels)
+    loss2, _ = lt.loss_from_rewards(torch.tensor(predicted)[:, None], labels)
     p, s = predicted.astype(np.float64), score.astype(np.float64)
     np.testing.assert_allclose(float(loss), ((s - p) ** 2).mean(), rtol=1e-6)
     assert float(loss2) == float(loss) == float(stats["error"])
@@ -93,7 +97,7 @@ def test_scalar_rating_loss_and_stats():
 def test_scalar_rating_label_stats_match_original():
     rm = np.load(REF / "reward_model.npz")
     score = torch.tensor(rm["in/rating_labels/score"])
-    _, stats = label_types.get_label_type("scalar_rating").loss(torch.zeros(16), {"score": score})
+    _, stats = label_types.get_label_type("scalar_rating").loss_from_rewards(torch.zeros(16), {"score": score})
     np.testing.assert_allclose(float(stats["label_mean"]), rm["out/init/scalar_rating/label_mean"], rtol=1e-6)
     np.testing.assert_allclose(float(stats["label_var"]), rm["out/init/scalar_rating/label_var"], rtol=1e-6)
 
@@ -104,7 +108,7 @@ def test_scalar_compare_loss_and_target_scales():
     difference = rng.normal(size=16).astype(np.float32)
     lt = label_types.get_label_type("scalar_compare")
     labels = {"difference": torch.tensor(difference)}
-    loss, stats = lt.loss(torch.tensor(rewards), labels)
+    loss, stats = lt.loss_from_rewards(torch.tensor(rewards), labels)
     r = rewards.astype(np.float64)
     np.testing.assert_allclose(float(loss), ((difference - (r[:, 1] - r[:, 0])) ** 2).mean(), rtol=1e-6)
     assert set(stats) == {"loss", "error"}
@@ -114,5 +118,83 @@ def test_scalar_compare_loss_and_target_scales():
 
 def test_losses_are_float32_for_bf16_rewards():
     rewards = torch.randn(8, 4).bfloat16()
-    loss, _ = label_types.get_label_type("best_of_4").loss(rewards, {"best": torch.zeros(8, dtype=torch.long)})
+    loss, _ = label_types.get_label_type("best_of_4").loss_from_rewards(rewards, {"best": torch.zeros(8, dtype=torch.long)})
     assert loss.dtype == torch.float32
+
+
+def _fake_reward_model(calls):
+    """A deterministic stand-in: a different weighted sum of the query and response tokens per row."""
+    def reward_model(queries, responses):
+        calls.append((queries.shape, responses.shape))
+        wq = torch.linspace(0.1, 0.5, queries.shape[1])
+        wr = torch.linspace(-0.3, 0.7, responses.shape[1])
+        return (queries.float() * wq).sum(1) / 10 + (responses.float() * wr).sum(1) / 10
+    return reward_model
+
+
+@pytest.mark.parametrize("name", ["best_of_4", "scalar_rating", "scalar_compare"])
+def test_loss_scores_all_responses_in_one_call(name):
+    rm = np.load(REF / "reward_model.npz")
+    source = {"best_of_4": "labels", "scalar_rating": "rating_labels", "scalar_compare": "compare_labels"}[name]
+    prefix = f"in/{source}/"
+    labels = {k[len(prefix):]: torch.tensor(rm[k]) for k in rm.files if k.startswith(prefix)}
+    lt = label_types.get_label_type(name)
+    assert set(labels) == set(lt.schemas(query_length=5, response_length=6))
+    calls = []
+    loss, stats = lt.loss(_fake_reward_model(calls), labels)
+    assert calls == [((16 * lt.num_responses, 5), (16 * lt.num_responses, 6))]
+    separate = torch.stack([_fake_reward_model([])(labels["query"], labels[k]) for k in lt.response_keys], dim=1)
+    want, want_stats = lt.loss_from_rewards(separate, labels)
+    torch.testing.assert_close(loss, want)
+    assert stats.keys() == want_stats.keys()
+
+
+def test_accuracy_attributes():
+    lt = label_types.get_label_type("best_of_4")
+    assert lt.has_accuracy and lt.chance_accuracy == 0.25
+    assert not label_types.get_label_type("scalar_rating").has_accuracy
+    assert not label_types.get_label_type("scalar_compare").has_accuracy
+
+
+def test_target_mean_std():
+    rm = np.load(REF / "reward_model.npz")
+    assert label_types.get_label_type("best_of_4").target_mean_std({"best": rm["in/labels/best"]}) == (0.0, 1.0)
+    score = rm["in/rating_labels/score"]
+    mean, std = label_types.get_label_type("scalar_rating").target_mean_std({"score": score})
+    np.testing.assert_allclose([mean, std], [score.astype(np.float64).mean(), score.astype(np.float64).std()])
+    difference = torch.tensor(rm["in/compare_labels/difference"])
+    mean, std = label_types.get_label_type("scalar_compare").target_mean_std({"difference": difference})
+    d = rm["in/compare_labels/difference"].astype(np.float64) / 2
+    np.testing.assert_allclose([mean, std], [d.mean(), d.std()], rtol=1e-6)
+
+
+def _original_reward_model(rm):
+    """The recorded initial reward model as reward(q, r) = gain * head(last position) + bias, with its gain/bias."""
+    tf_vars = {k[len("init/var/"):]: rm[k] for k in rm.files if k.startswith("init/var/")}
+    model = GPT2(GPT2Config.from_dict(json.loads(str(rm["meta_json"]))["hparams"]), ["reward"])
+    model.load_state_dict(tf_to_state_dict(tf_vars, 2, scope="reward_model/model", heads=["reward"]))
+    gain = torch.nn.Parameter(torch.tensor(tf_vars["reward_model/reward_norm/gain"]))
+    bias = torch.nn.Parameter(torch.tensor(tf_vars["reward_model/reward_norm/bias"]))
+
+    def reward_model(queries, responses):
+        tokens = torch.cat([queries, responses], dim=1).long()
+        return gain * model(tokens, padding_token=52)["reward"][:, -1] + bias
+    return reward_model, gain, bias
+
+
+@pytest.mark.parametrize("name,source", [("best_of_4", "labels"), ("scalar_rating", "rating_labels"),
+                                         ("scalar_compare", "compare_labels")])
+def test_losses_match_original_with_recorded_reward_model(name, source):
+    rm = np.load(REF / "reward_model.npz")
+    reward_model, gain, bias = _original_reward_model(rm)
+    labels = {k.split("/")[-1]: torch.tensor(rm[k]) for k in rm.files if k.startswith(f"in/{source}/")}
+    loss, stats = label_types.get_label_type(name).loss(reward_model, labels)
+    keys = [k.split("/")[-1] for k in rm.files if k.startswith(f"out/init/{name}/")]
+    assert keys and set(keys) <= set(stats)
+    for key in keys:
+        np.testing.assert_allclose(float(stats[key]), rm[f"out/init/{name}/{key}"], rtol=1e-4, atol=1e-5, err_msg=key)
+    if name == "best_of_4":
+        loss.backward()
+        np.testing.assert_allclose(float(gain.grad), rm["out/init/best_of_4_grad/reward_model/reward_norm/gain"],
+                                   rtol=1e-3, atol=1e-6)
+        assert abs(float(bias.grad)) < 1e-6
