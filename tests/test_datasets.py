@@ -1,5 +1,6 @@
 """Query construction, order, sharding and resume of QuerySampler; prepared token files (ORIGINAL §7.1, §11, §12)."""
 
+import json
 import random
 
 import numpy as np
@@ -177,7 +178,7 @@ def test_state_dict_resume_gives_the_same_next_batch(tmp_path, use_test_dataset)
     original = QuerySampler(dataset, "train", ENC, 3, ".", ".", **kwargs)
     for _ in range(7):  # more than one pass over the 13 documents
         original.next_batch()
-    state = original.state_dict()
+    state = json.loads(json.dumps(original.state_dict()))  # checkpoints store it as JSON
     resumed = QuerySampler(dataset, "train", ENC, 3, ".", ".", **kwargs)
     resumed.load_state_dict(state)
     for _ in range(3):

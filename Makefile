@@ -1,0 +1,41 @@
+# One-command set-up for a fresh machine: a virtualenv in .venv with the CPU build of torch and the project.
+# GPU users: install a CUDA build of torch into the venv first (see README), then `make setup`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup corpus demo test bench clean-venv
+
+$(VENV)/.installed: pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The demo's corpus: Debian's fortunes (real English prose, installed offline from Debian's packages).
+corpus:
+	@if [ ! -d /usr/share/games/fortunes ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq fortunes >/dev/null; \
+	  else \
+	    echo "the demo needs Debian's fortunes corpus: run 'sudo apt-get install fortunes'"; exit 1; \
+	  fi; \
+	fi
+
+# The main job: an offline RLHF experiment end to end on the CPU (see README "Quick start").
+demo: setup corpus
+	$(PY) launch.py demo
+
+# The test suite (offline, CPU).
+test: setup corpus
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/ppo_iteration.py
+
+clean-venv:
+	rm -rf $(VENV)
