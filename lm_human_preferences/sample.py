@@ -111,6 +111,11 @@ def reward_model_path(run_dir: Path, hp: TrainPolicyHParams) -> Optional[str]:
     return hp.rewards.trained_model
 
 
+def score_model_name(path: str) -> str:
+    """How the reward model is named in messages ('test' is a fresh random test model, not the run's)."""
+    return "a random 'test' reward model" if path == "test" else path
+
+
 @torch.no_grad()
 def sample_batch(policy: Policy, score_model, queries: torch.Tensor, task, padding_token: int, *, generator,
                  precision: str) -> dict:
@@ -194,13 +199,14 @@ def main(run_dir, temperature: Optional[float] = None, nsamples: int = 8, batch_
     precision = dist.resolve_precision(hp.run.precision, device)
     policy = load_policy(run_dir, checkpoint, hp, enc, temperature=temperature, device=device)
 
-    score_model = None
+    score_model, scored_by = None, ""
     if score:
         path = reward_model_path(run_dir, hp)
         if path is None:
             raise SampleError(f"{run_dir} has no {REWARD_DIR}/ and its rewards.trained_model is not set: there is "
                               f"no reward model to score with; pass --no-score")
         score_model = load_reward_model(path, n_vocab=enc.n_vocab, padding_token=enc.padding_token, device=device)
+        scored_by = f", scored by {score_model_name(path)}"
 
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
@@ -209,8 +215,8 @@ def main(run_dir, temperature: Optional[float] = None, nsamples: int = 8, batch_
     sampler = QuerySampler(task.query_dataset, "test", enc, task.query_length, task.start_text, task.end_text,
                            batch_size)
     nbatches = math.ceil(nsamples / batch_size)
-    print(f"sampling {nbatches * batch_size} responses from {checkpoint} at temperature {temperature:g}, "
-          f"seed {seed}" + (f", scored by {score_model_name(path)}" if score else ""))
+    print(f"sampling {nbatches} batches of {batch_size} responses from {checkpoint} at temperature "
+          f"{temperature:g}, seed {seed}{scored_by}")
 
     records: List[dict] = []
     for _ in range(nbatches):
@@ -225,8 +231,3 @@ def main(run_dir, temperature: Optional[float] = None, nsamples: int = 8, batch_
     write_jsonl(out_path, records)
     print(f"wrote {len(records)} samples to {out_path}")
     return records
-
-
-def score_model_name(path: str) -> str:
-    """How the reward model is named in messages ('test' is a fresh random test model, not the run's)."""
-    return "a random 'test' reward model" if path == "test" else path

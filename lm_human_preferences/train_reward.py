@@ -217,7 +217,8 @@ def train(hp: TrainRewardHParams, *, resume=False, overwrite=False, info=None):
             logged = {f"train_reward/minibatch/{k}": v for k, v in stats.items()}
             logged["train_reward/lr"] = lr
             for k, v in stats.items():
-                if not math.isfinite(v):
+                # 'corr' is undefined (NaN) for labels without spread; everything else must stay finite
+                if not math.isfinite(v) and k != "corr":
                     raise FloatingPointError(f"reward training step {step}: statistic {k} = {v} is not finite; "
                                              f"lower --lr or check the labels")
             if step % hp.run.log_interval == 0 or step == len(steps) - 1:
