@@ -95,16 +95,26 @@ _SHARED_REWARD = {
     'normalize_samples': 256,
 }
 
+# Memory knobs (not in the original, which needed 8 x 32 GB V100s): per-rank chunk sizes for the no-grad
+# sampling/scoring passes and for gradient accumulation. They leave the math unchanged and are chosen (by
+# activation-size estimates for the 124M model in bf16) so that even a single 24 GB GPU holds a whole run.
+_BOOKS_MEMORY = {'run.rollout_micro_batch': 128, 'run.train_micro_batch': 32}
+_SUMMARIZE_MEMORY = {'run.rollout_micro_batch': 16, 'run.train_micro_batch': 4}
+
 _BOOKS_REWARD = combine(nest('task', BOOKS_TASK), _SHARED_REWARD, {
     'batch_size': 32,
     'lr': 5e-5,
     'rollout_batch_size': 512,
+    'run.rollout_micro_batch': 128,
+    'run.train_micro_batch': 8,  # label records: 4 sequences each
 })
 
 _SUMMARIZE_REWARD = combine(_SHARED_REWARD, {
     'batch_size': 2 * 8,
     'lr': 2.5e-5,
     'rollout_batch_size': 128,
+    'run.rollout_micro_batch': 16,
+    'run.train_micro_batch': 2,
 })
 
 TRAIN_REWARD_EXPERIMENTS: Dict[str, Binds] = {
@@ -172,7 +182,7 @@ _BOOKS_POLICY = combine(nest('task', BOOKS_TASK), {
     'rewards.adaptive_kl': 'on',
     'rewards.adaptive_kl.target': 6.0,
     'run.seed': 1,
-})
+}, _BOOKS_MEMORY)
 
 
 def _summarize_policy(task: Binds, kl_coef: float) -> Binds:
@@ -184,7 +194,7 @@ def _summarize_policy(task: Binds, kl_coef: float) -> Binds:
         'ppo.batch_size': 32,
         'ppo.whiten_rewards': False,  # the original's 'rewards.whiten' (ORIGINAL §3.4, bug)
         'run.seed': 1,
-    })
+    }, _SUMMARIZE_MEMORY)
 
 
 TRAIN_POLICY_EXPERIMENTS: Dict[str, Binds] = {
