@@ -15,7 +15,11 @@ training command overrides one hyperparameter, e.g. ``--ppo.lr 1e-5 --rewards.ad
 directory is ``<save_dir>/<name>``. For several GPUs run it under torchrun
 (``torchrun --nproc_per_node 8 launch.py train_policy sentiment my_run``).
 
-Invalid experiments, keys or values print ``error: <message>`` and exit with status 2 before any work.
+Exit status: 0 on success, and after SIGTERM/SIGINT stopped train_policy with a checkpoint (continue with
+``--resume``); 2 with ``error: <message>`` for bad input (experiment, key, value, label file, model or checkpoint
+directory, dataset, an existing run without ``--resume``/``--overwrite``), found before anything is written;
+1 with ``error: <message>`` when a run stops on a non-finite number or a failed checkpoint write (the last good
+checkpoint is kept); 130 for a second Ctrl-C.
 """
 
 import argparse
@@ -30,11 +34,17 @@ from lm_human_preferences.utils.hyperparams import HParamsError
 TRAIN_COMMANDS = ('train_reward', 'train_policy')
 _LAUNCHER_FLAGS = ('--dry_run', '--resume', '--overwrite', '-h', '--help')
 _LAUNCHER_OPTIONS = ('--save_dir',)  # launcher flags that take a value
+EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # a second Ctrl-C, or one outside the training loop
 
 
 class UsageError(ValueError):
     """A command line that cannot run; printed as ``error: <message>`` with exit status 2."""
+
+
+class RunFailed(RuntimeError):
+    """A run that stopped on a non-finite number or a failed checkpoint write; ``error: <message>``, status 1."""
 
 
 def _positive_int(text: str) -> int:
@@ -156,10 +166,15 @@ def run_training(command: str, argv: Sequence[str]) -> int:
         from lm_human_preferences import train_reward as trainer
     else:
         from lm_human_preferences import train_policy as trainer
+    from lm_human_preferences.utils import dist
+    from lm_human_preferences.utils.ckpt import CheckpointSaveError, InputError
     try:
         trainer.train(hparams, resume=args.resume, overwrite=args.overwrite)
-    except (HParamsError, FileExistsError) as e:  # raised by the trainer's checks before it does any work
+    except (InputError, HParamsError, FileExistsError) as e:  # the trainer's checks, before it writes anything
         raise UsageError(str(e)) from e
+    except (FloatingPointError, CheckpointSaveError) as e:  # the run failed; its last checkpoint is kept
+        raise RunFailed(str(e)) from e
+    dist.cleanup()
     return 0
 
 
@@ -192,6 +207,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, HParamsError) as e:
         print(f'error: {e}', file=sys.stderr)
         return EXIT_USAGE
+    except RunFailed as e:
+        print(f'error: {e}', file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print('error: interrupted (a single Ctrl-C inside policy training saves a checkpoint first)',
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == '__main__':

@@ -6,8 +6,13 @@ update -> log -> checkpoint. Whitening stays rank-local per minibatch as in the 
 emulates the original's 8-rank grouping on fewer GPUs.
 """
 import contextlib
+import errno
+import json
 import math
+import random
+import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -171,6 +176,11 @@ class PPOTrainer:
                 raise FloatingPointError(f"PPO update {self.global_step}: statistic {k} = {v} is not finite; the "
                                          f"run stopped and the last good checkpoint is kept. Lower ppo.lr or use "
                                          f"--run.precision fp32")
+        bad = nonfinite_parameter(self.policy)
+        if bad is not None:
+            raise FloatingPointError(f"PPO update {self.global_step}: parameter {bad} is not finite after the "
+                                     f"optimizer step; the run stopped and the last good checkpoint is kept. Lower "
+                                     f"ppo.lr or use --run.precision fp32")
         self.kl_ctl.update(stats["objective/kl"], hp.ppo.batch_size)
 
         now = time.time()
@@ -198,75 +208,123 @@ class PPOTrainer:
         return {"global_step": self.global_step, "kl_ctl": self.kl_ctl.state_dict()}
 
     def save_checkpoint(self, root: Path, wandb_id=None):
-        """All ranks write their RNG and data position; rank 0 writes weights, optimizer and counters."""
-        info = self.info
-        tmp = root / f"step-{self.global_step:08d}.tmp"
+        """All ranks write their RNG and data position; rank 0 writes weights, optimizer and counters.
+
+        The directory is assembled as step-N.tmp and renamed once every rank has written its part. If any write
+        fails on any rank (a full disk), every rank raises CheckpointSaveError and the previous checkpoint stays.
+        """
+        info, step = self.info, self.global_step
+        tmp = root / f"step-{step:08d}.tmp"
+
+        def on_all_ranks(write):
+            error = None
+            try:
+                write()
+            except OSError as e:
+                error = e
+            if dist.all_ranks_agree(error is not None, info.device):
+                if info.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise ckpt.save_error(step, root, error or OSError(errno.EIO, "a write failed on another rank"))
+
+        def write_rank_files():
+            ckpt.atomic_torch_save(tmp / f"rng-rank{info.rank}.pt", rng_state(self.np_rng, self.generator))
+            ckpt.atomic_write_json(tmp / f"sampler-rank{info.rank}.json", self.sampler.state_dict())
+            if info.is_main:
+                ckpt.atomic_save_tensors(tmp / "model.safetensors", self.policy.model.state_dict())
+                ckpt.atomic_torch_save(tmp / "optimizer.pt", self.optimizer.state_dict())
+                ckpt.atomic_write_json(tmp / "state.json", dict(self.state(), world_size=info.world_size,
+                                                                   wandb_id=wandb_id))
+
+        final = root / f"step-{step:08d}"
+        on_all_ranks(lambda: ckpt.begin_checkpoint(root, step) if info.is_main else None)
+        on_all_ranks(write_rank_files)
+        on_all_ranks(lambda: ckpt.commit_checkpoint(tmp, self.hp.run.keep_checkpoints) if info.is_main else None)
         if info.is_main:
-            tmp = ckpt.begin_checkpoint(root, self.global_step)
-        dist.barrier()
-        ckpt.atomic_torch_save(tmp / f"rng-rank{info.rank}.pt", rng_state(self.np_rng, self.generator))
-        ckpt.atomic_write_json(tmp / f"sampler-rank{info.rank}.json", self.sampler.state_dict())
-        if info.is_main:
-            ckpt.atomic_save_tensors(tmp / "model.safetensors", self.policy.model.state_dict())
-            ckpt.atomic_torch_save(tmp / "optimizer.pt", self.optimizer.state_dict())
-            ckpt.atomic_write_json(tmp / "state.json", dict(self.state(), world_size=info.world_size,
-                                                               wandb_id=wandb_id))
-        dist.barrier()
-        final = None
-        if info.is_main:
-            final = ckpt.commit_checkpoint(tmp, self.hp.run.keep_checkpoints)
             print(f"saved checkpoint {final}")
-        dist.barrier()
         return final
 
     def load_checkpoint(self, path: Path):
-        """Restores everything `save_checkpoint` wrote; the world size must match for an exact resume."""
+        """Restores everything `save_checkpoint` wrote; the world size must match for an exact resume.
+
+        Raises ValueError / FileNotFoundError naming the file for a truncated, foreign or incomplete checkpoint."""
         info = self.info
         state = _read_json(path / "state.json")
-        if state["world_size"] != info.world_size:
-            raise ValueError(f"checkpoint {path} was written by {state['world_size']} ranks but this run has "
+        try:
+            world_size, global_step, kl_state = state["world_size"], int(state["global_step"]), state["kl_ctl"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path / 'state.json'} is not a policy checkpoint state ({e!r} missing or bad)") from e
+        if world_size != info.world_size:
+            raise ValueError(f"checkpoint {path} was written by {world_size} ranks but this run has "
                              f"{info.world_size}; resume with the same number of processes")
         sd = ckpt.load_tensors(path / "model.safetensors")
         from lm_human_preferences.language.trained_models import check_state_dict
         check_state_dict(self.policy.model, sd, allow_missing_heads=False)
+        optimizer_state = ckpt.torch_load_safe(path / "optimizer.pt")
+        rng = ckpt.torch_load_safe(path / f"rng-rank{info.rank}.pt")
+        sampler_state = _read_json(path / f"sampler-rank{info.rank}.json")
         self.policy.model.load_state_dict(sd)
-        self.optimizer.load_state_dict(ckpt.torch_load_safe(path / "optimizer.pt"))
-        self.global_step = state["global_step"]
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.sampler.load_state_dict(_read_json(path / f"sampler-rank{info.rank}.json"))
-        set_rng_state(ckpt.torch_load_safe(path / f"rng-rank{info.rank}.pt"), self.np_rng, self.generator)
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+            self.kl_ctl.load_state_dict(kl_state)
+            set_rng_state(rng, self.np_rng, self.generator)
+        except (KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise ValueError(f"checkpoint {path} does not match this run ({type(e).__name__}: {e}); was it written "
+                             f"by another version or configuration?") from e
+        self.sampler.load_state_dict(sampler_state)
+        self.global_step = global_step
         return state
 
 
 def _read_json(path):
-    import json
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file; FileNotFoundError or ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint file {path} is truncated or corrupt ({e})") from e
+
+
+def nonfinite_parameter(module):
+    """The name of the first parameter of `module` holding a NaN or inf, or None (one device sync)."""
+    named = [(n, p) for n, p in module.named_parameters()]
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]
 
 
 def rng_state(np_rng, generator):
     """Every RNG of this rank as tensors/plain values (loadable with weights_only=True)."""
-    import random
     py = random.getstate()
-    np_state = np_rng.get_state()
-    out = {"python": [py[0], list(py[1]), py[2]],
-           "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                     float(np_state[4])],
-           "numpy_global": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-           "numpy_global_pos": int(np.random.get_state()[2]),
+    out = {"python": [py[0], list(py[1]), py[2]], "numpy": _np_state(np_rng.get_state()),
+           "numpy_global": _np_state(np.random.get_state()),
            "torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
     if torch.cuda.is_available():
         out["torch_cuda"] = torch.cuda.get_rng_state_all()
     return out
 
 
+def _np_state(np_state):
+    """A NumPy RandomState state tuple as weights_only-loadable values."""
+    name, keys, pos, has_gauss, gauss = np_state
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+
+
+def _np_state_back(saved):
+    """The inverse of `_np_state`."""
+    name, keys, pos, has_gauss, gauss = saved
+    return name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss
+
+
 def set_rng_state(state, np_rng, generator):
-    import random
+    """Restores every RNG `rng_state` captured."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np_rng.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    np.random.set_state(("MT19937", state["numpy_global"].numpy().astype(np.uint32), state["numpy_global_pos"], 0, 0.0))
+    np_rng.set_state(_np_state_back(state["numpy"]))
+    np.random.set_state(_np_state_back(state["numpy_global"]))
     torch.set_rng_state(state["torch_cpu"])
     generator.set_state(state["generator"])
     if "torch_cuda" in state and torch.cuda.is_available():
@@ -300,42 +358,41 @@ class SignalFlag:
 
 
 def write_policy_metadata(save_dir: Path, hp, policy, enc_name):
+    """train_policy_hparams.json and policy/{hparams.json, encoding}: what `sample` needs besides a checkpoint."""
     ckpt.atomic_write_json(save_dir / "train_policy_hparams.json", hp.to_nested_dict())
     ckpt.atomic_write_json(save_dir / POLICY_DIR / "hparams.json", policy.model.config.to_dict())
     ckpt.atomic_write_json(save_dir / POLICY_DIR / "encoding", enc_name)
 
 
-def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
-    """Trains the reward model first if `rewards.train_new_model` is set, then runs PPO; returns the save dir."""
-    hp.validate()
-    info = dist.init_distributed(hp.run.device)
-    hp.check_world_size(info.world_size)
-    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
-    ckpt_root = save_dir / POLICY_DIR / "checkpoints" if save_dir else None
-    latest = ckpt.latest_checkpoint(ckpt_root) if ckpt_root else None
-    if latest is not None and not resume and not overwrite:
-        raise FileExistsError(f"{save_dir} already holds a policy run (latest checkpoint {latest.name}); rerun with "
-                              f"--resume to continue it or --overwrite to start over")
-    if overwrite and not resume:
-        latest = None
+def changed_hparams(save_dir: Path, hp) -> list:
+    """Dotted keys (outside run.*) whose value differs from the run's saved train_policy_hparams.json."""
+    path = save_dir / "train_policy_hparams.json"
+    try:
+        saved = TrainPolicyHParams.from_nested_dict(json.loads(path.read_text())).to_flat_dict()
+    except Exception:  # missing or from another version: nothing to compare
+        return []
+    now = hp.to_flat_dict()
+    return sorted(k for k in set(saved) | set(now)
+                  if not k.startswith("run.") and saved.get(k, "<unset>") != now.get(k, "<unset>"))
 
-    trained_model = hp.rewards.trained_model
-    if hp.rewards.train_new_model is not None:
-        rm_hp = hp.rewards.train_new_model
-        if rm_hp.task.to_nested_dict() != hp.task.to_nested_dict():
-            raise ValueError("rewards.train_new_model.task must equal task (the reward model is trained on the "
-                             "policy's task)")
-        if save_dir is None:
-            raise ValueError("rewards.train_new_model needs run.save_dir to store the reward model")
-        rm_hp.run.save_dir = str(save_dir)
-        rm_hp.run.device, rm_hp.run.precision = hp.run.device, hp.run.precision
-        train_reward.train(rm_hp, resume=resume or latest is not None, overwrite=overwrite and latest is None,
-                           info=info)
-        trained_model = str(save_dir / train_reward.REWARD_DIR)
 
+def reward_hparams(hp: TrainPolicyHParams, save_dir):
+    """The chained reward training's hyperparameters (rewards.train_new_model), stored in the same run directory."""
+    rm_hp = hp.rewards.train_new_model
+    if rm_hp.task.to_nested_dict() != hp.task.to_nested_dict():
+        raise ValueError("rewards.train_new_model.task must equal task (the reward model is trained on the "
+                         "policy's task)")
+    if save_dir is None:
+        raise ValueError("rewards.train_new_model needs run.save_dir to store the reward model")
+    rm_hp.run.save_dir = str(save_dir)
+    rm_hp.run.device, rm_hp.run.precision = hp.run.device, hp.run.precision
+    return rm_hp
+
+
+def build_trainer(hp: TrainPolicyHParams, info, trained_model) -> PPOTrainer:
+    """Seeds this rank, then loads the score model, reference policy, policy and query sampler (raising on bad
+    input); writes nothing."""
     precision = dist.resolve_precision(hp.run.precision, info.device)
-    if info.is_main:
-        hp.dump()
     seed = dist.rank_seed(hp.run.seed, info.rank)
     np_rng = dist.seed_everything(seed)
     generator = torch.Generator(device=info.device)
@@ -360,15 +417,66 @@ def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
                          enc=enc, precision=precision, np_rng=np_rng, generator=generator)
     if hp.run.compile:
         policy.model.forward = torch.compile(policy.model.forward)
+    return trainer
 
-    wandb_id = None
-    if latest is not None:
-        state = trainer.load_checkpoint(latest)
-        wandb_id = state.get("wandb_id")
-        if info.is_main:
-            print(f"resumed from {latest} at update {trainer.global_step}")
-    if info.is_main and save_dir is not None:
-        write_policy_metadata(save_dir, hp, policy, train_reward.encoding_name(task.policy.initial_model))
+
+def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
+    """Trains the reward model first if `rewards.train_new_model` is set, then runs PPO; returns the save dir.
+
+    Every input (settings, label file, models, dataset, the checkpoint to resume) is checked before the first
+    write. An existing run directory needs `resume` (continue from its latest complete checkpoint; a finished
+    reward model is kept) or `overwrite` (delete it first). SIGTERM/SIGINT stop at the next update boundary with a
+    checkpoint; a non-finite statistic or parameter raises FloatingPointError, keeping the last good checkpoint.
+    """
+    hp.validate()
+    with ckpt.input_errors():  # before any collective, so every rank fails alike
+        hp.check_world_size(dist.env_info(hp.run.device).world_size)
+    info = dist.init_distributed(hp.run.device)
+    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
+    ckpt_root = save_dir / POLICY_DIR / "checkpoints" if save_dir else None
+    chained = hp.rewards.train_new_model is not None
+    trained_model = hp.rewards.trained_model
+    rm_setup = trainer = latest = state = None
+    with ckpt.validated_inputs(info.device):
+        ckpt.check_run_dir(save_dir, resume=resume, overwrite=overwrite)
+        latest = ckpt.latest_checkpoint(ckpt_root) if resume and ckpt_root is not None else None
+        if chained:
+            rm_hp = reward_hparams(hp, save_dir)
+            trained_model = str(save_dir / train_reward.REWARD_DIR)
+            if not (resume and train_reward.reward_model_complete(save_dir)):
+                rm_setup = train_reward.prepare(rm_hp, info)
+        else:  # everything loads now; with a chained reward model, after it is trained
+            trainer = build_trainer(hp, info, trained_model)
+            state = trainer.load_checkpoint(latest) if latest is not None else None
+    if overwrite and info.is_main:
+        ckpt.clear_run_dir(save_dir)
+    dist.barrier()
+    if rm_setup is not None:
+        train_reward.run(rm_setup)
+        rm_setup = None  # free the reward training's models before loading the policy's
+    elif chained and info.is_main:
+        print(f"reward model already trained in {trained_model}; skipping reward training")
+    if trainer is None:
+        with ckpt.validated_inputs(info.device):
+            trainer = build_trainer(hp, info, trained_model)
+            state = trainer.load_checkpoint(latest) if latest is not None else None
+
+    wandb_id = state.get("wandb_id") if state else None
+    if info.is_main:
+        hp.dump()
+        if latest is not None:
+            print(f"resumed from {latest} at update {trainer.global_step} of {trainer.nupdates}")
+            changed = changed_hparams(save_dir, hp)
+            if changed:
+                print(f"warning: resuming with hyperparameters that differ from the run's saved ones "
+                      f"({', '.join(changed)}); the continuation is not the run it would have been", file=sys.stderr)
+        elif resume:
+            print(f"no complete checkpoint to resume in {ckpt_root}; starting at update 0")
+        if save_dir is not None:
+            ckpt.remove_stale_tmp(ckpt_root)
+            ckpt.truncate_metrics(save_dir / "train_policy_metrics.jsonl", trainer.global_step)
+            write_policy_metadata(save_dir, hp, trainer.policy,
+                                  train_reward.encoding_name(hp.task.policy.initial_model))
     logger = Logger(is_main=info.is_main, save_dir=save_dir, name="train_policy", config=hp.to_nested_dict(),
                     wandb_setting=hp.run.wandb, wandb_project=hp.run.wandb_project,
                     run_name=save_dir.name if save_dir else None, wandb_id=wandb_id)
@@ -389,12 +497,14 @@ def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
                 stop = dist.all_ranks_agree(signals.received is not None, info.device)
                 if ckpt_root is not None and (trainer.global_step % hp.run.save_interval == 0 or stop
                                               or trainer.global_step == trainer.nupdates):
-                    trainer.save_checkpoint(ckpt_root, logger.wandb_id)
+                    saved = trainer.save_checkpoint(ckpt_root, logger.wandb_id)
                     saved_at = trainer.global_step
                 if stop:
                     if info.is_main:
-                        print(f"stopped by {signals.received or 'a signal on another rank'} after update "
-                              f"{trainer.global_step}; resume with the same command plus --resume")
+                        where = f"checkpoint {saved}" if ckpt_root is not None else "nothing saved (no run.save_dir)"
+                        print(f"\nstopped by {signals.received or 'a signal on another rank'} after update "
+                              f"{trainer.global_step} of {trainer.nupdates}; {where}. Resume with the same command "
+                              f"plus --resume", file=sys.stderr)
                     raise StopRequested()
     except StopRequested:
         pass

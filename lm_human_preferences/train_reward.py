@@ -5,7 +5,9 @@ and every logged statistic are reduced over all ranks, so gain, bias and all wei
 """
 import contextlib
 import math
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from lm_human_preferences.language.encodings import get_encoding
 from lm_human_preferences.language.trained_models import load_model
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel
-from lm_human_preferences.utils import dist
+from lm_human_preferences.utils import ckpt, dist
 from lm_human_preferences.utils.ckpt import atomic_save_tensors, atomic_write_json
 from lm_human_preferences.utils.logging import Logger, format_stats
 from lm_human_preferences.utils.optim import TFAdam
@@ -131,39 +133,47 @@ def evaluate_heldout(reward_model, label_type, heldout, info, precision, micro_b
 
 
 def save_reward_model(save_dir: Path, reward_model: RewardModel, hp, enc_name: str):
-    """Writes <save_dir>/reward_model/{model.safetensors, hparams.json, encoding} and train_reward_hparams.json."""
+    """Writes train_reward_hparams.json, then <save_dir>/reward_model/{model.safetensors, hparams.json, encoding}
+    assembled as reward_model.tmp/ and renamed, so a reward_model/ directory is always complete."""
     out = save_dir / REWARD_DIR
+    tmp = save_dir / (REWARD_DIR + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
     sd = dict(reward_model.model.state_dict())
     sd["reward_norm.gain"] = reward_model.gain.detach()
     sd["reward_norm.bias"] = reward_model.bias.detach()
-    atomic_save_tensors(out / "model.safetensors", sd)
-    atomic_write_json(out / "hparams.json", reward_model.model.config.to_dict())
-    atomic_write_json(out / "encoding", enc_name)
     atomic_write_json(save_dir / "train_reward_hparams.json", hp.to_nested_dict())
+    atomic_save_tensors(tmp / "model.safetensors", sd)
+    atomic_write_json(tmp / "hparams.json", reward_model.model.config.to_dict())
+    atomic_write_json(tmp / "encoding", enc_name)
+    ckpt.replace_dir(tmp, out)
 
 
 def reward_model_complete(save_dir) -> bool:
+    """Whether `save_dir` holds a finished reward model."""
     d = Path(save_dir) / REWARD_DIR
     return all((d / f).is_file() for f in ("model.safetensors", "hparams.json", "encoding"))
 
 
-def train(hp: TrainRewardHParams, *, resume=False, overwrite=False, info=None):
-    """Trains a reward model as the original does; returns the reward model directory."""
-    hp.validate()
-    info = info or dist.init_distributed(hp.run.device)
-    hp.check_world_size(info.world_size)
-    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
-    if save_dir is not None and reward_model_complete(save_dir):
-        if resume:
-            if info.is_main:
-                print(f"reward model already trained in {save_dir / REWARD_DIR}; skipping reward training")
-            return save_dir / REWARD_DIR
-        if not overwrite:
-            raise FileExistsError(f"{save_dir / REWARD_DIR} already holds a trained reward model; pass --overwrite to "
-                                  f"replace it or choose another experiment name")
+@dataclass
+class RewardSetup:
+    """Everything reward training needs, loaded and checked by `prepare` before any file is written."""
+    hp: TrainRewardHParams
+    info: dist.DistInfo
+    precision: str
+    np_rng: np.random.RandomState
+    generator: torch.Generator
+    label_type: object
+    train_labels: dict
+    heldout: dict
+    ref_policy: Policy
+    reward_model: RewardModel
+    sampler: QuerySampler
+
+
+def prepare(hp: TrainRewardHParams, info) -> RewardSetup:
+    """Seeds, then loads and validates labels, models and the query dataset (raising on bad input); writes nothing."""
     precision = dist.resolve_precision(hp.run.precision, info.device)
-    if info.is_main:
-        hp.dump()
     seed = dist.rank_seed(hp.run.seed, info.rank)
     np_rng = dist.seed_everything(seed)
     generator = torch.Generator(device=info.device)
@@ -186,6 +196,49 @@ def train(hp: TrainRewardHParams, *, resume=False, overwrite=False, info=None):
     sampler = QuerySampler(task.query_dataset, "train", enc, task.query_length, task.start_text, task.end_text,
                            dist.exact_batch(hp.rollout_batch_size, info.world_size, "rollout_batch_size"),
                            rank=info.rank, world_size=info.world_size)
+    return RewardSetup(hp=hp, info=info, precision=precision, np_rng=np_rng, generator=generator,
+                       label_type=label_type, train_labels=train_labels, heldout=heldout, ref_policy=ref_policy,
+                       reward_model=reward_model, sampler=sampler)
+
+
+def train(hp: TrainRewardHParams, *, resume=False, overwrite=False, info=None):
+    """Trains a reward model as the original does; returns the reward model directory.
+
+    Every input is checked before anything is written. An existing run needs `resume` (a finished reward model is
+    kept, an unfinished one is trained again from the start) or `overwrite` (the run directory is deleted first).
+    `info` is passed by train_policy, which has done these checks itself.
+    """
+    hp.validate()
+    if info is None:
+        with ckpt.input_errors():
+            hp.check_world_size(dist.env_info(hp.run.device).world_size)
+        info = dist.init_distributed(hp.run.device)
+    hp.check_world_size(info.world_size)
+    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
+    with ckpt.validated_inputs(info.device):
+        ckpt.check_run_dir(save_dir, resume=resume, overwrite=overwrite)
+        done = resume and save_dir is not None and reward_model_complete(save_dir)
+        setup = None if done else prepare(hp, info)
+    if done:
+        if info.is_main:
+            print(f"reward model already trained in {save_dir / REWARD_DIR}; skipping reward training")
+        return save_dir / REWARD_DIR
+    if overwrite and info.is_main:
+        ckpt.clear_run_dir(save_dir)
+    dist.barrier()
+    return run(setup)
+
+
+def run(setup: RewardSetup):
+    """Reward training on a prepared setup: normalize_before, one epoch, normalize_after, held-out eval, save."""
+    hp, info, precision, generator = setup.hp, setup.info, setup.precision, setup.generator
+    reward_model, ref_policy, sampler, label_type = setup.reward_model, setup.ref_policy, setup.sampler, setup.label_type
+    train_labels, heldout, np_rng, task = setup.train_labels, setup.heldout, setup.np_rng, hp.task
+    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
+    if info.is_main:
+        hp.dump()
+        if save_dir is not None:  # records of an earlier, unfinished attempt
+            ckpt.truncate_metrics(save_dir / "train_reward_metrics.jsonl", 0)
 
     logger = Logger(is_main=info.is_main, save_dir=save_dir, name="train_reward", config=hp.to_nested_dict(),
                     wandb_setting=hp.run.wandb, wandb_project=hp.run.wandb_project,

@@ -114,11 +114,25 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, s, self.n_head, C // self.n_head).transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nh, S, hs), S = cached + s
-        # attn_bias (B, 1, s, S) is 0 where attending is allowed and -1e10 elsewhere, so a row with no allowed key
-        # becomes uniform (as in the original) instead of NaN. SDPA's kernels accumulate the softmax in float32.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
-        y = y.transpose(1, 2).reshape(B, s, C)
+        y = attention(q, k, v, attn_bias).transpose(1, 2).reshape(B, s, C)
         return self.c_proj(y)
+
+
+def attention(q, k, v, attn_bias):
+    """softmax(q k^T / sqrt(hs) + attn_bias) v; q (B, nh, s, hs), k and v (B, nh, S, hs) -> (B, nh, s, hs).
+
+    attn_bias (B, 1, s, S) is 0 where attending is allowed and -1e10 elsewhere, so a row with no allowed key becomes
+    uniform (as in the original) instead of NaN. float32 inputs, and every input on an accelerator, go through
+    scaled_dot_product_attention, whose kernels accumulate the softmax in float32. Lower-precision inputs on CPU
+    (bfloat16 autocast) are upcast and the attention is computed in float32 by hand, as the original computes it:
+    there the fused bfloat16 kernels are several times slower for these short masked sequences (backward most of
+    all), and the attention's matmuls are a small part of the model's FLOPs.
+    """
+    if q.dtype == torch.float32 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        w = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, s, S)
+        return torch.matmul(torch.softmax(w + attn_bias, dim=-1), v.float()).to(q.dtype)
 
 
 class MLP(nn.Module):
@@ -167,6 +181,59 @@ class ScalarHead(nn.Module):
 def head_init_std(name: str, n_embd: int) -> float:
     """Value heads start at exactly zero; every other head at N(0, 1/sqrt(n_embd+1)) (ORIGINAL §4.6)."""
     return 0.0 if name == "value" else 1.0 / math.sqrt(n_embd + 1)
+
+
+class TiedGrad:
+    """The LM head's gradient for the tied embedding matrix, on its way to the embedding's backward."""
+    __slots__ = ("grad",)
+
+    def __init__(self):
+        self.grad = None
+
+
+class TiedLMHead(torch.autograd.Function):
+    """logits = h W^T in float32, whose backward leaves W's gradient in `tied` instead of returning it.
+
+    With the embedding lookup also taking W, autograd would add the two (V, C) gradients into a third; handing this
+    one to TiedEmbedding lets the embedding's backward add its part in place: the same sum, one (V, C) buffer less
+    at the end of the backward, when memory peaks. The LM head's backward always runs before the embedding's,
+    which is upstream of everything.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, tied: TiedGrad):  # h (..., C), weight (V, C), both float32
+        ctx.save_for_backward(h, weight)
+        ctx.tied = tied
+        return F.linear(h, weight)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., V)
+        h, weight = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_h = grad2d.mm(weight).view(h.shape) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[1]:
+            ctx.tied.grad = grad2d.t().mm(h.reshape(-1, h.shape[-1]))  # (V, C)
+        return grad_h, None, None
+
+
+class TiedEmbedding(torch.autograd.Function):
+    """weight[tokens], whose backward adds its gradient to the LM head's one waiting in `tied` (if any)."""
+
+    @staticmethod
+    def forward(ctx, tokens, weight, tied: TiedGrad):
+        ctx.save_for_backward(tokens)
+        ctx.num_weights = weight.shape[0]
+        ctx.tied = tied
+        return F.embedding(tokens, weight)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, s, C)
+        (tokens,) = ctx.saved_tensors
+        grad_w = torch.ops.aten.embedding_dense_backward(grad, tokens, ctx.num_weights, -1, False)
+        if ctx.tied.grad is not None:
+            grad_w = ctx.tied.grad.add_(grad_w)
+            ctx.tied.grad = None
+        return None, grad_w, None
 
 
 class GPT2(nn.Module):
@@ -230,7 +297,11 @@ class GPT2(nn.Module):
         positions = torch.cumsum(mask, dim=1) - mask.long()
         if cache is not None:
             positions = positions + cache.n_real
-        x = self.wte(tokens) + self.wpe(positions)  # (B, s, C)
+        wte = self.wte.weight
+        # a training pass that also computes logits hands the LM head's weight gradient to the embedding's backward
+        tied = TiedGrad() if (lm_positions is not None and torch.is_grad_enabled() and wte.requires_grad
+                              and wte.dtype == torch.float32 and not torch.compiler.is_compiling()) else None
+        x = (TiedEmbedding.apply(tokens, wte, tied) if tied else self.wte(tokens)) + self.wpe(positions)  # (B, s, C)
 
         # allowed[b, i, j]: current query i may attend key j (causal counted from the bottom right, key not a pad)
         key_mask = mask if cache is None else torch.cat([cache.mask[:, :past], mask], dim=1)  # (B, S)
@@ -258,7 +329,7 @@ class GPT2(nn.Module):
             hl = h if lm_positions == "all" else h[:, lm_positions]
             with torch.autocast(device_type=hl.device.type, enabled=False):
                 # tied embeddings, no output bias, always float32 (logprob differences are PPO's signal)
-                out["lm_logits"] = F.linear(hl.float(), self.wte.weight.float())
+                out["lm_logits"] = TiedLMHead.apply(hl.float(), wte, tied) if tied else F.linear(hl.float(), wte.float())
         if cache is not None:
             out["present"] = cache
         return out

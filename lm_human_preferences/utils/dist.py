@@ -36,19 +36,26 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     raise ValueError(f"unknown run.device {device!r}; use auto, cpu or cuda")
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Reads torchrun's environment, initialises the process group when WORLD_SIZE > 1, and picks the device."""
+def env_info(device: str = "auto") -> DistInfo:
+    """Rank, world size and device from torchrun's environment, without starting a process group (so settings
+    can be checked against the world size before any collective)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=resolve_device(device, local_rank))
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Reads torchrun's environment, initialises the process group when WORLD_SIZE > 1, and picks the device."""
+    info = env_info(device)
+    dev = info.device
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
+    if info.world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=float(os.environ.get("LMHP_DIST_TIMEOUT", "1800")))
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout,
                                 device_id=dev if dev.type == "cuda" else None)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return info
 
 
 def is_distributed():

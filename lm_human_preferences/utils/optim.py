@@ -10,6 +10,49 @@ from collections import defaultdict
 
 import torch
 
+# On CPU the update runs over pieces of at most this many elements: the step's temporaries stay small and each
+# piece's params, grads, m and v stay in cache across the update's passes instead of streaming from memory per pass.
+CPU_CHUNK = 1 << 18
+
+
+def _tf_adam_update(ps, gs, ms, vs, *, dtype, lr_t, beta1, beta2, eps):
+    """TF's kernel on aligned lists: m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); var -= lr_t m / (sqrt(v) + eps)."""
+    if dtype != torch.float32:
+        gs = [g.float() for g in gs]
+    torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+    torch._foreach_lerp_(vs, torch._foreach_mul(gs, gs), 1.0 - beta2)
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_add_(denom, eps)
+    if dtype == torch.float32:
+        torch._foreach_addcdiv_(ps, ms, denom, value=-lr_t)
+    else:
+        updates = torch._foreach_div(ms, denom)
+        torch._foreach_mul_(updates, -lr_t)
+        for p, u in zip(ps, updates):
+            p.copy_((p.float() + u).to(dtype))
+
+
+def _pieces(ps, gs, ms, vs, chunk: int):
+    """Splits aligned lists of params, grads, m, v into groups of flat views of at most `chunk` elements in all
+    (a non-contiguous tensor stays whole). The update is elementwise, so it is the same on the pieces."""
+    group, size = ([], [], [], []), 0
+    for tensors in zip(ps, gs, ms, vs):
+        if not all(t.is_contiguous() for t in tensors):
+            yield tuple([t] for t in tensors)
+            continue
+        flat = [t.view(-1) for t in tensors]
+        n = flat[0].numel()
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            for lst, t in zip(group, flat):
+                lst.append(t[start:stop])
+            size += stop - start
+            if size >= chunk:
+                yield group
+                group, size = ([], [], [], []), 0
+    if size:
+        yield group
+
 
 class TFAdam(torch.optim.Optimizer):
     """tf.train.AdamOptimizer: one step counter per optimizer, no weight decay, no clipping.
@@ -54,21 +97,11 @@ class TFAdam(torch.optim.Optimizer):
                 gs.append(p.grad)
                 ms.append(state["exp_avg"])
                 vs.append(state["exp_avg_sq"])
-            for (_, dtype), (ps, gs, ms, vs) in buckets.items():
-                if dtype != torch.float32:
-                    gs = [g.float() for g in gs]
-                # TF's kernel: m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); var -= lr_t m / (sqrt(v) + eps)
-                torch._foreach_lerp_(ms, gs, 1.0 - beta1)
-                torch._foreach_lerp_(vs, torch._foreach_mul(gs, gs), 1.0 - beta2)
-                denom = torch._foreach_sqrt(vs)
-                torch._foreach_add_(denom, group["eps"])
-                if dtype == torch.float32:
-                    torch._foreach_addcdiv_(ps, ms, denom, value=-lr_t)
-                else:
-                    updates = torch._foreach_div(ms, denom)
-                    torch._foreach_mul_(updates, -lr_t)
-                    for p, u in zip(ps, updates):
-                        p.copy_((p.float() + u).to(dtype))
+            for (device, dtype), tensors in buckets.items():
+                pieces = _pieces(*tensors, CPU_CHUNK) if device.type == "cpu" else [tensors]
+                for ps, gs, ms, vs in pieces:
+                    _tf_adam_update(ps, gs, ms, vs, dtype=dtype, lr_t=lr_t, beta1=beta1, beta2=beta2,
+                                    eps=group["eps"])
         return loss
 
     def state_dict(self):

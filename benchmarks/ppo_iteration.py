@@ -1,0 +1,688 @@
+#!/usr/bin/env python
+"""Times one PPO iteration phase by phase, ours against the Hugging Face-based and no-KV-cache ways of the
+existing ports, on the same weights and queries, in one run.
+
+Phases, at the sentiment task's shapes (query 64, response 24, temperature 0.7, 4 PPO epochs x 1 minibatch,
+read from params.py) and a per-rank batch (default 8):
+
+  sampling    Policy.respond: one pass over the query, then one KV-cached step per token
+  ref+score   the reference policy's teacher-forced logprobs and the reward model's score
+  update      ppo_train from train_policy.py: 4 epochs x 1 minibatch, TF-style Adam
+  iteration   all of the above plus the per-token rewards and the step statistics (PPOTrainer.step's calls)
+
+Baselines, built from the same random weights: `transformers.GPT2LMHeadModel.generate` (KV cache on), sampling
+without a KV cache (the whole prefix recomputed for every new token, logits at every position, as the
+wuwowuyi port does), and an HF-based iteration as in the accelerate port (generate, a forward to recompute
+the policy's logprobs and values, ref and reward forwards, then 4 epochs of GPT2LMHeadModel + value head with
+torch.optim.Adam on the same loss).
+
+Each timing is the median of --repeats runs after --warmup runs. MFU is model FLOPs per second (matmuls only,
+2 per multiply-add; the same FLOP count for ours and the baselines) over the matmul rate measured here for the
+same precision (a square matmul of --matmul-size). Peak memory is the process's peak RSS (VmHWM, reset per
+phase) on CPU and torch's max allocated bytes on CUDA. On CUDA the script also times the real sentiment
+configuration (per-rank batch = ppo.batch_size on one GPU) and projects the wall time of its 1M episodes.
+
+    python benchmarks/ppo_iteration.py                       # 124M shape, batch 8, fp32 and bf16, baselines
+    python benchmarks/ppo_iteration.py --size test --json out.json
+"""
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a fresh clone without installing the package
+
+import params as experiments  # noqa: E402
+from lm_human_preferences import ppo  # noqa: E402
+from lm_human_preferences.language.model import GPT2, GPT2Config  # noqa: E402
+from lm_human_preferences.lm_tasks import penalized_scores, postprocess_responses, responses_valid  # noqa: E402
+from lm_human_preferences.policy import Policy  # noqa: E402
+from lm_human_preferences.rewards import RewardModel  # noqa: E402
+from lm_human_preferences.train_policy import ppo_train  # noqa: E402
+from lm_human_preferences.utils import dist  # noqa: E402
+from lm_human_preferences.utils.core import entropy_from_logits, logprobs_from_logits  # noqa: E402
+from lm_human_preferences.utils.optim import TFAdam  # noqa: E402
+
+GiB = 1024 ** 3
+PHASES = ("sampling", "score", "update", "iteration")
+PHASE_LABELS = {"sampling": "sampling", "score": "ref+score", "update": "update (4 ep)", "iteration": "iteration"}
+# model shapes; the task shapes and PPO settings always come from the sentiment experiment
+MODEL_SIZES = {
+    "124M": GPT2Config(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
+    "test": GPT2Config(n_vocab=128, n_ctx=96, n_embd=32, n_head=2, n_layer=2),
+}
+BASELINES = {
+    "sampling": ("hf_generate", "nocache"),
+    "score": ("hf",),
+    "update": ("hf",),
+    "iteration": ("hf",),
+}
+BASELINE_LABELS = {"hf_generate": "HF generate (KV cache)", "nocache": "no KV cache (full prefix/token)",
+                   "hf": "HF + torch Adam port"}
+
+
+# ---- set-up ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Setting:
+    """What one PPO iteration is made of: model shape, task shapes, PPO hyperparameters, per-rank batch."""
+    config: GPT2Config
+    batch: int
+    query_length: int
+    response_length: int
+    temperature: float
+    truncate_token: int
+    truncate_after: int
+    penalty: float
+    kl_coef: float
+    ppo_hp: object  # PpoHParams of the sentiment experiment
+    padding_token: int
+
+    @property
+    def seq_len(self):
+        return self.query_length + self.response_length
+
+
+def sentiment_setting(size: str, batch: int | None) -> Setting:
+    """The sentiment experiment's task and PPO settings on a model of `size`; batch None = ppo.batch_size."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown --size {size!r}; use one of {', '.join(MODEL_SIZES)}")
+    hp = experiments.get_hparams("train_policy", "sentiment")
+    task, config = hp.task, MODEL_SIZES[size]
+    if task.query_length + task.response_length > config.n_ctx:
+        raise ValueError(f"model size {size!r} has n_ctx={config.n_ctx} < the task's {task.query_length} + "
+                         f"{task.response_length} tokens")
+    batch = hp.ppo.batch_size if batch is None else batch
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    hp.ppo.batch_size = batch
+    return Setting(config=config, batch=batch, query_length=task.query_length, response_length=task.response_length,
+                   temperature=task.policy.temperature, truncate_token=task.truncate_token,
+                   truncate_after=task.truncate_after, penalty=task.penalty_reward_value, kl_coef=hp.rewards.kl_coef,
+                   ppo_hp=hp.ppo, padding_token=config.n_vocab + 2)
+
+
+def random_gpt2(config: GPT2Config, heads, seed: int, device) -> GPT2:
+    """A GPT2 with the original's random initialisers, seeded so that every copy has the same weights."""
+    torch.manual_seed(seed)
+    return GPT2(config, heads).to(device)
+
+
+def build_ours(s: Setting, seed: int, device):
+    """Policy, frozen reference policy (same initial weights) and frozen reward model, as train_policy builds them."""
+    policy = Policy(random_gpt2(s.config, ["value"], seed, device), temperature=s.temperature,
+                    padding_token=s.padding_token).eval()
+    ref_policy = Policy(random_gpt2(s.config, ["value"], seed, device), temperature=s.temperature,
+                        padding_token=s.padding_token).eval().requires_grad_(False)
+    reward_model = RewardModel(random_gpt2(s.config, ["reward"], seed + 1, device),
+                               padding_token=s.padding_token).eval().requires_grad_(False)
+    optimizer = TFAdam(policy.parameters(), lr=s.ppo_hp.lr, eps=1e-5)
+    return dict(policy=policy, ref_policy=ref_policy, reward_model=reward_model, optimizer=optimizer)
+
+
+def make_inputs(s: Setting, seed: int, device):
+    """Queries (B, query_length) without pads and the noptepochs permutations, fixed for the whole run."""
+    rng = np.random.RandomState(seed)
+    queries = torch.as_tensor(rng.randint(0, s.config.n_vocab, size=(s.batch, s.query_length)), device=device)
+    orders = [torch.as_tensor(rng.permutation(s.batch), device=device) for _ in range(s.ppo_hp.noptepochs)]
+    return queries, orders
+
+
+# ---- measurement -----------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory since the last reset: VmHWM of this process on CPU (reset through /proc/self/clear_refs),
+    max allocated bytes on CUDA. `resettable` is False where the kernel refuses the reset (then the peak is
+    the process's lifetime peak)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.resettable = True
+
+    def reset(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.resettable = False
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def matmul_rate(device, dtype, n: int, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` (median of `repeats` after two warm-ups)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    times = []
+    for i in range(repeats + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def forward_flops(config: GPT2Config, tokens: int, keys: float, lm_rows: int) -> float:
+    """Matmul FLOPs of a forward over `tokens` tokens attending to `keys` keys on average, with the LM head
+    computed for `lm_rows` of them."""
+    c = config
+    per_layer = 2 * (c.n_embd * 3 * c.n_embd + c.n_embd * c.n_embd + 2 * c.n_embd * 4 * c.n_embd)  # qkv, proj, mlp
+    attention = 2 * 2 * c.n_embd * keys  # q.k and a.v
+    return tokens * c.n_layer * (per_layer + attention) + lm_rows * 2 * c.n_embd * c.n_vocab
+
+
+def phase_flops(s: Setting) -> dict:
+    """Useful model FLOPs of each phase (the same work for ours and the baselines; backward = 2 x forward)."""
+    c, B, Q, T = s.config, s.batch, s.query_length, s.response_length
+    L = Q + T
+    sampling = forward_flops(c, B * Q, (Q + 1) / 2, B)
+    sampling += sum(forward_flops(c, B, Q + t + 1, B) for t in range(1, T))
+    teacher_forced = forward_flops(c, B * L, (L + 1) / 2, B * T)
+    score = teacher_forced + forward_flops(c, B * L, (L + 1) / 2, 0)
+    update = s.ppo_hp.noptepochs * 3 * teacher_forced
+    return dict(sampling=sampling, score=score, update=update, iteration=sampling + score + update)
+
+
+def phase_tokens(s: Setting) -> dict:
+    """Tokens each phase processes: sampled tokens for sampling and the iteration (the log's fps), sequence
+    tokens through each model for the forwards, and sequence tokens x epochs for the update."""
+    B, L, T = s.batch, s.seq_len, s.response_length
+    return dict(sampling=B * T, score=2 * B * L, update=s.ppo_hp.noptepochs * B * L, iteration=B * T)
+
+
+def run_timed(iteration_fn, *, warmup: int, repeats: int, mem: PeakMemory):
+    """Runs `iteration_fn(mark)` warmup + repeats times; `mark(phase)` ends a phase. Returns, per phase, the
+    list of timed seconds and the peak memory seen over the timed runs; 'iteration' is the sum of the phases
+    of a run (the memory-peak resets between phases are not timed)."""
+    times = {}
+    peaks = {}
+    for i in range(warmup + repeats):
+        record = i >= warmup
+        gc.collect()
+        sync(mem.device)
+        mem.reset()
+        run = {}
+        last = time.perf_counter()
+
+        def mark(phase):
+            nonlocal last
+            sync(mem.device)
+            run[phase] = time.perf_counter() - last
+            if record:
+                peaks[phase] = max(peaks.get(phase, 0), mem.peak())
+            mem.reset()
+            last = time.perf_counter()
+
+        iteration_fn(mark)
+        if record:
+            for phase, seconds in run.items():
+                times.setdefault(phase, []).append(seconds)
+            if len(run) > 1:
+                times.setdefault("iteration", []).append(sum(run.values()))
+                peaks["iteration"] = max(peaks[p] for p in run)
+    return times, peaks
+
+
+def summarize(times, peaks, flops, tokens, rate):
+    """Median seconds, tokens/s, achieved FLOP/s, MFU and peak memory of each phase."""
+    out = {}
+    for phase, ts in times.items():
+        med = statistics.median(ts)
+        out[phase] = dict(median_s=med, times_s=ts, tokens=tokens.get(phase), tokens_per_s=tokens.get(phase, 0) / med,
+                          flops=flops.get(phase), flops_per_s=flops.get(phase, 0) / med,
+                          mfu=flops.get(phase, 0) / med / rate, peak_bytes=peaks.get(phase))
+    return out
+
+
+# ---- ours ------------------------------------------------------------------------------------------------
+
+def our_iteration(models, s: Setting, queries, orders, *, precision, device, generator, mark):
+    """One PPO iteration with the project's code: PPOTrainer.rollout's calls, then PPOTrainer.step's."""
+    policy, ref_policy, reward_model = models["policy"], models["ref_policy"], models["reward_model"]
+    with dist.autocast(device, precision):
+        out = policy.respond(queries, s.response_length, generator=generator)
+    mark("sampling")
+    with torch.no_grad(), dist.autocast(device, precision):
+        ref = ref_policy(queries, out["responses"], with_entropy=False)
+        post = postprocess_responses(out["responses"], s.truncate_token, s.truncate_after, s.padding_token)
+        raw = reward_model(queries, post)
+    valid = responses_valid(post, s.truncate_token, s.truncate_after)
+    scores = penalized_scores(raw.float(), valid, s.penalty)
+    rewards, non_score_reward, _ = ppo.compute_rewards(scores, out["logprobs"], ref["logprobs"], s.kl_coef)
+    mark("score")
+    rollouts = dict(queries=queries, responses=out["responses"], logprobs=out["logprobs"], values=out["values"],
+                    rewards=rewards)
+    train_stats = ppo_train(policy, models["optimizer"], rollouts, orders, ppo_hp=s.ppo_hp, lr=s.ppo_hp.lr,
+                            nminibatches=s.ppo_hp.nminibatches, n_groups=1, micro_batch=None, device=device,
+                            precision=precision)
+    stats = ppo.step_stats(logprobs=out["logprobs"], ref_logprobs=ref["logprobs"], non_score_reward=non_score_reward,
+                           scores=scores, kl_coef=s.kl_coef, train_stats=train_stats,
+                           reduce_fn=lambda st: dist.all_reduce_mean_tensors(st, device))
+    stats = {k: float(v) for k, v in stats.items()}  # the device sync PPOTrainer.step does
+    if not all(math.isfinite(v) for v in stats.values()):
+        raise FloatingPointError(f"a PPO statistic is not finite: {stats}")
+    mark("update")
+
+
+def measure_ours(s: Setting, precision, device, args, mem, compiled=False):
+    """Builds fresh models (same seed as the baselines) and times our iterations."""
+    models = build_ours(s, args.seed, device)
+    if compiled:
+        for name in ("policy", "ref_policy"):
+            models[name].model.forward = torch.compile(models[name].model.forward)
+        models["reward_model"].model.forward = torch.compile(models["reward_model"].model.forward)
+    queries, orders = make_inputs(s, args.seed, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    def iteration(mark):
+        our_iteration(models, s, queries, orders, precision=precision, device=device, generator=generator, mark=mark)
+
+    times, peaks = run_timed(iteration, warmup=args.warmup, repeats=args.repeats, mem=mem)
+    del models
+    gc.collect()
+    return times, peaks
+
+
+# ---- baselines -------------------------------------------------------------------------------------------
+
+def hf_config(config: GPT2Config):
+    import transformers
+    hf = transformers.GPT2Config(vocab_size=config.n_vocab, n_positions=config.n_ctx, n_embd=config.n_embd,
+                                 n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
+                                 layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                 bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=True)
+    hf._attn_implementation = "sdpa"
+    return hf
+
+
+def to_hf_state_dict(model: GPT2) -> dict:
+    """Our state dict in GPT2LMHeadModel's names and layout (Conv1D weights are [nx, nf])."""
+    conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("heads."):
+            continue
+        out["transformer." + name] = t.t().contiguous() if name.endswith(conv) else t
+    out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+class HFScalarHeadModel(torch.nn.Module):
+    """The accelerate port's policy/reward model: a GPT2LMHeadModel (or GPT2Model) plus a scalar head on the
+    last hidden state."""
+
+    def __init__(self, lm, head: torch.nn.Linear):
+        super().__init__()
+        self.lm = lm
+        self.head = head
+
+    def forward(self, input_ids, attention_mask):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        return getattr(out, "logits", None), self.head(out.hidden_states[-1]).squeeze(-1)
+
+
+def build_hf(s: Setting, seed: int, device, check=True):
+    """HF policy (+ value head), ref policy and reward model holding exactly our initial weights."""
+    import transformers
+    cfg = hf_config(s.config)
+    models = {}
+    for name, heads, model_seed, lm_class in (("policy", ["value"], seed, transformers.GPT2LMHeadModel),
+                                              ("ref_policy", ["value"], seed, transformers.GPT2LMHeadModel),
+                                              ("reward_model", ["reward"], seed + 1, transformers.GPT2Model)):
+        ours = random_gpt2(s.config, heads, model_seed, "cpu")
+        lm = lm_class(cfg)
+        sd = to_hf_state_dict(ours)
+        if lm_class is transformers.GPT2Model:
+            sd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
+        missing, unexpected = lm.load_state_dict(sd, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+            raise RuntimeError(f"HF GPT-2 does not take our weights: missing {missing}, unexpected {unexpected}")
+        head = torch.nn.Linear(s.config.n_embd, 1)
+        with torch.no_grad():
+            h = ours.heads[heads[0]]
+            head.weight.copy_(h.w[None])
+            head.bias.copy_(h.b)
+        if check and name == "policy":
+            check_same_function(ours, lm)
+        models[name] = HFScalarHeadModel(lm, head).to(device).eval()
+        del ours
+    for name in ("ref_policy", "reward_model"):
+        models[name].requires_grad_(False)
+    models["optimizer"] = torch.optim.Adam(models["policy"].parameters(), lr=s.ppo_hp.lr, eps=1e-5)
+    gc.collect()
+    return models
+
+
+def check_same_function(ours: GPT2, hf_lm):
+    """Raises unless the HF copy computes our logits (float32, a few tokens): the baselines run our weights."""
+    x = torch.arange(12).remainder(ours.config.n_vocab)[None]
+    with torch.no_grad():
+        a = ours(x, lm_positions="all")["lm_logits"]
+        b = hf_lm(input_ids=x, use_cache=False).logits.float()
+    err = (a - b).abs().max().item()
+    if not err < 1e-3:
+        raise RuntimeError(f"the HF copy's logits differ from ours by {err:.2e}; the baselines would not run the "
+                           f"same weights")
+
+
+def hf_generate(lm, queries, length, temperature):
+    """GPT2LMHeadModel.generate with the KV cache, pure sampling, exactly `length` new tokens (no EOS)."""
+    out = lm.generate(input_ids=queries, attention_mask=torch.ones_like(queries), max_new_tokens=length,
+                      min_new_tokens=length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                      use_cache=True, eos_token_id=None, pad_token_id=0)
+    responses = out[:, queries.shape[1]:]
+    if responses.shape[1] != length:
+        raise RuntimeError(f"generate returned {responses.shape[1]} tokens instead of {length}")
+    return responses
+
+
+@torch.no_grad()
+def nocache_sample(lm, queries, length, temperature):
+    """The no-KV-cache sampler of the PyTorch 2 port: a full forward over the growing context for every new
+    token, logits at every position; logprobs of the temperature-scaled distribution."""
+    tokens = queries
+    logprobs = []
+    for _ in range(length):
+        logits = lm(input_ids=tokens, attention_mask=torch.ones_like(tokens), use_cache=False).logits
+        logits = logits[:, -1].float() / temperature
+        token = torch.multinomial(torch.softmax(logits, dim=-1), 1)
+        logprobs.append(logprobs_from_logits(logits, token[:, 0]))
+        tokens = torch.cat([tokens, token], dim=1)
+    return tokens[:, queries.shape[1]:], torch.stack(logprobs, dim=1)
+
+
+def hf_teacher_forced(model: HFScalarHeadModel, queries, responses, temperature, with_entropy):
+    """The port's forward: logits over all positions, sliced to the response, divided by the temperature."""
+    tokens = torch.cat([queries, responses], dim=1)
+    logits, values = model(tokens, torch.ones_like(tokens))
+    ctx, T = queries.shape[1], responses.shape[1]
+    logits = logits[:, ctx - 1:ctx - 1 + T].float() / temperature
+    out = dict(logprobs=logprobs_from_logits(logits, responses), values=values[:, ctx - 1:ctx - 1 + T])
+    if with_entropy:
+        out["entropies"] = entropy_from_logits(logits)
+    return out
+
+
+def hf_iteration(models, s: Setting, queries, orders, *, precision, device, mark):
+    """One iteration the way the accelerate port runs it, on the same loss and statistics as ours."""
+    policy, ref_policy, reward_model, optimizer = (models["policy"], models["ref_policy"], models["reward_model"],
+                                                   models["optimizer"])
+    with torch.no_grad(), dist.autocast(device, precision):
+        responses = hf_generate(policy.lm, queries, s.response_length, s.temperature)
+    mark("sampling")
+    with torch.no_grad(), dist.autocast(device, precision):
+        old = hf_teacher_forced(policy, queries, responses, s.temperature, with_entropy=False)
+        ref = hf_teacher_forced(ref_policy, queries, responses, s.temperature, with_entropy=False)
+        post = postprocess_responses(responses, s.truncate_token, s.truncate_after, 0)
+        tokens = torch.cat([queries, post], dim=1)
+        _, reward = reward_model(tokens, torch.ones_like(tokens))
+    valid = responses_valid(post, s.truncate_token, s.truncate_after)
+    scores = penalized_scores(reward[:, -1].float(), valid, s.penalty)
+    rewards, non_score_reward, _ = ppo.compute_rewards(scores, old["logprobs"], ref["logprobs"], s.kl_coef)
+    mark("score")
+    hp = s.ppo_hp
+    train_stats = []
+    for order in orders:
+        size = len(order) // hp.nminibatches
+        for start in range(0, len(order), size):
+            idx = order[start:start + size]
+            adv = ppo.compute_advantages(old["values"][idx], rewards[idx], hp.gamma, hp.lam, hp.whiten_rewards)
+            optimizer.zero_grad(set_to_none=True)
+            with dist.autocast(device, precision):
+                new = hf_teacher_forced(policy, queries[idx], responses[idx], s.temperature, with_entropy=True)
+                loss, st = ppo.ppo_loss(new["logprobs"], new["values"], new["entropies"], old["logprobs"][idx],
+                                        old["values"][idx], adv.advantages, adv.returns, hp.cliprange,
+                                        hp.cliprange_value, hp.vf_coef)
+            loss.backward()
+            optimizer.step()
+            train_stats.append(st)
+    stats = ppo.step_stats(logprobs=old["logprobs"], ref_logprobs=ref["logprobs"], non_score_reward=non_score_reward,
+                           scores=scores, kl_coef=s.kl_coef, train_stats=train_stats,
+                           reduce_fn=lambda st: dist.all_reduce_mean_tensors(st, device))
+    stats = {k: float(v) for k, v in stats.items()}  # the same device sync as ours
+    mark("update")
+
+
+def measure_baselines(s: Setting, precision, device, args, mem):
+    """Times the HF-based iteration (its phases are the HF baselines) and the no-cache sampler."""
+    models = build_hf(s, args.seed, device)
+    queries, orders = make_inputs(s, args.seed, device)
+    torch.manual_seed(args.seed)  # generate draws from the global generator
+
+    def iteration(mark):
+        hf_iteration(models, s, queries, orders, precision=precision, device=device, mark=mark)
+
+    hf_times, hf_peaks = run_timed(iteration, warmup=args.warmup, repeats=args.repeats, mem=mem)
+
+    def nocache(mark):
+        with dist.autocast(device, precision):
+            nocache_sample(models["policy"].lm, queries, s.response_length, s.temperature)
+        mark("sampling")
+
+    nc_times, nc_peaks = run_timed(nocache, warmup=args.warmup, repeats=args.repeats, mem=mem)
+    del models
+    gc.collect()
+    return {"hf": (hf_times, hf_peaks), "hf_generate": ({"sampling": hf_times["sampling"]},
+                                                        {"sampling": hf_peaks["sampling"]}),
+            "nocache": ({"sampling": nc_times["sampling"]}, {"sampling": nc_peaks["sampling"]})}
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+
+TARGETS = dict(bf16_iteration_max_s=5.0, bf16_iteration_vs_hf=2.5, fp32_iteration_vs_hf=1.3,
+               sampling_vs_hf_generate=2.0, sampling_vs_nocache=15.0, bf16_update_mfu=0.5, peak_gib=3.5)
+
+
+def check_targets(results) -> list:
+    """The issue's targets for the CPU at 124M shape, batch 8: (name, wanted, measured, ok) rows."""
+    rows = []
+
+    def row(name, want, got, ok):
+        rows.append(dict(target=name, wanted=want, measured=got, ok=bool(ok)))
+
+    bf, fp = results.get("bf16"), results.get("fp32")
+    if bf:
+        it = bf["ours"]["iteration"]["median_s"]
+        row("bf16 iteration <= 5 s", TARGETS["bf16_iteration_max_s"], it, it <= TARGETS["bf16_iteration_max_s"])
+        if "speedup" in bf:
+            sp = bf["speedup"]
+            row("bf16 iteration vs HF >= 2.5x", 2.5, sp["iteration"]["hf"], sp["iteration"]["hf"] >= 2.5)
+            row("bf16 sampling vs HF generate >= 2x", 2.0, sp["sampling"]["hf_generate"],
+                sp["sampling"]["hf_generate"] >= 2.0)
+            row("bf16 sampling vs no cache >= 15x", 15.0, sp["sampling"]["nocache"], sp["sampling"]["nocache"] >= 15)
+        mfu = bf["ours"]["update"]["mfu"]
+        row("bf16 update MFU >= 50%", 0.5, mfu, mfu >= 0.5)
+    if fp and "speedup" in fp:
+        sp = fp["speedup"]
+        row("fp32 iteration vs HF >= 1.3x", 1.3, sp["iteration"]["hf"], sp["iteration"]["hf"] >= 1.3)
+        row("fp32 sampling vs HF generate >= 2x", 2.0, sp["sampling"]["hf_generate"],
+            sp["sampling"]["hf_generate"] >= 2.0)
+        row("fp32 sampling vs no cache >= 15x", 15.0, sp["sampling"]["nocache"], sp["sampling"]["nocache"] >= 15)
+    peaks = [r["ours"]["iteration"]["peak_bytes"] / GiB for r in results.values()]
+    if peaks:
+        row("peak memory <= 3.5 GiB", 3.5, max(peaks), max(peaks) <= 3.5)
+    return rows
+
+
+def format_table(report) -> str:
+    """The human-readable table: per precision, each phase of ours and its baselines with the speed-up."""
+    lines = []
+    m = report["machine"]
+    lines.append(f"PPO iteration benchmark: size {report['size']}, per-rank batch {report['batch']}, query "
+                 f"{report['query_length']}, response {report['response_length']}, {report['noptepochs']} epochs x "
+                 f"{report['nminibatches']} minibatch, device {report['device']} ({m['device_name']}, "
+                 f"{m['threads']} threads), median of {report['repeats']} after {report['warmup']} warm-up")
+    rates = report["matmul_flops_per_s"]
+    lines.append(f"matmul {report['matmul_size']}^3: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()))
+    header = (f"{'prec':<5} {'phase':<14} {'ours s':>8} {'tok/s':>9} {'MFU':>6} {'peak GiB':>8}   "
+              f"{'baseline':<32} {'base s':>8} {'base MFU':>8} {'peak GiB':>8} {'speed-up':>9}")
+    lines.append(header)
+    lines.append("-" * len(header))
+    for prec, r in report["results"].items():
+        for variant in ("ours", "ours_compiled"):
+            if variant not in r:
+                continue
+            for phase in PHASES:
+                o = r[variant][phase]
+                label = PHASE_LABELS[phase] + (" (compiled)" if variant == "ours_compiled" else "")
+                left = (f"{prec:<5} {label:<14} {o['median_s']:8.3f} {o['tokens_per_s']:9.1f} {100 * o['mfu']:5.1f}% "
+                        f"{o['peak_bytes'] / GiB:8.2f}   ")
+                bases = [b for b in BASELINES[phase] if b in r.get("baselines", {})] if variant == "ours" else []
+                if not bases:
+                    lines.append(left.rstrip())
+                for i, b in enumerate(bases):
+                    bo = r["baselines"][b][phase]
+                    sp = bo["median_s"] / o["median_s"]
+                    prefix = left if i == 0 else " " * len(left)
+                    lines.append(f"{prefix}{BASELINE_LABELS[b]:<32} {bo['median_s']:8.3f} {100 * bo['mfu']:7.1f}% "
+                                 f"{bo['peak_bytes'] / GiB:8.2f} {sp:8.2f}x")
+    lines.append("tok/s: sampled tokens/s (sampling, iteration), sequence tokens through each model/s (ref+score), "
+                 "sequence tokens x epochs/s (update). speed-up = baseline s / ours s. peak: "
+                 + ("max allocated" if report["device"] == "cuda" else "peak RSS of the process during the phase"))
+    if report.get("targets"):
+        lines.append("targets (issue 7, CPU, 124M, batch 8):")
+        for t in report["targets"]:
+            lines.append(f"  [{'ok' if t['ok'] else 'MISSED'}] {t['target']}: measured {t['measured']:.3g}")
+    if report.get("sentiment"):
+        p = report["sentiment"]
+        lines.append(f"sentiment configuration on this device ({p['precision']}): per-rank batch {p['batch']}, "
+                     f"{p['seconds_per_iteration']:.3f} s/iteration (phases: "
+                     + ", ".join(f"{k} {v:.3f} s" for k, v in p["phase_s"].items()) + f"); {p['nupdates']} updates "
+                     f"for {p['total_episodes']} episodes -> projected {p['projected_hours']:.2f} h "
+                     f"({p['projected_hours'] * 60:.1f} min)")
+    return "\n".join(lines)
+
+
+def machine_info(device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+        except OSError:
+            pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return dict(device_name=name, threads=torch.get_num_threads(), cpus=os.cpu_count(), torch=torch.__version__,
+                python=platform.python_version(), loadavg_start=load)
+
+
+def sentiment_projection(device, precision, args, mem) -> dict:
+    """Seconds per iteration at the sentiment experiment's real per-rank batch on one device, and the wall time
+    of its total episodes at that rate (sampling, scoring and PPO only; no logging or checkpoints)."""
+    s = sentiment_setting(args.size, None)
+    times, _ = measure_ours(s, precision, device, args, mem)
+    per_iter = statistics.median(times["iteration"])
+    nupdates = math.ceil(s.ppo_hp.total_episodes / s.ppo_hp.batch_size)
+    return dict(precision=precision, batch=s.batch, seconds_per_iteration=per_iter, nupdates=nupdates,
+                total_episodes=s.ppo_hp.total_episodes, projected_hours=per_iter * nupdates / 3600,
+                phase_s={k: statistics.median(v) for k, v in times.items() if k != "iteration"})
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="124M", help=f"model shape: {', '.join(MODEL_SIZES)} (random weights)")
+    p.add_argument("--batch", type=int, default=8, help="per-rank batch (queries per iteration)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="both", choices=["both", "fp32", "bf16"])
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--no-baselines", action="store_true", help="time only ours")
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile on the model forwards")
+    p.add_argument("--sentiment", action="store_true",
+                   help="also time the real sentiment batch and project a full run (default on CUDA)")
+    p.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 matmul rate (default 2048 CPU, "
+                                                                 "8192 CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        p.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = dist.resolve_device(args.device)
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    s = sentiment_setting(args.size, args.batch)
+    mem = PeakMemory(device)
+    n = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    rates = {p: matmul_rate(device, torch.float32 if p == "fp32" else torch.bfloat16, n) for p in precisions}
+    flops, tokens = phase_flops(s), phase_tokens(s)
+
+    results = {}
+    for prec in precisions:
+        times, peaks = measure_ours(s, prec, device, args, mem)
+        results[prec] = {"ours": summarize(times, peaks, flops, tokens, rates[prec])}
+        if args.compile:
+            times, peaks = measure_ours(s, prec, device, args, mem, compiled=True)
+            results[prec]["ours_compiled"] = summarize(times, peaks, flops, tokens, rates[prec])
+    sentiment = None
+    if args.sentiment or device.type == "cuda":
+        sentiment = sentiment_projection(device, "bf16" if "bf16" in precisions else precisions[0], args, mem)
+    if not args.no_baselines:
+        for prec in precisions:
+            r = results[prec]
+            r["baselines"] = {name: summarize(t, pk, flops, tokens, rates[prec])
+                              for name, (t, pk) in measure_baselines(s, prec, device, args, mem).items()}
+            r["speedup"] = {phase: {b: r["baselines"][b][phase]["median_s"] / r["ours"][phase]["median_s"]
+                                    for b in BASELINES[phase]} for phase in PHASES}
+
+    report = dict(size=args.size, batch=s.batch, query_length=s.query_length, response_length=s.response_length,
+                  noptepochs=s.ppo_hp.noptepochs, nminibatches=s.ppo_hp.nminibatches, device=device.type,
+                  repeats=args.repeats, warmup=args.warmup, matmul_size=n, matmul_flops_per_s=rates,
+                  machine=machine_info(device), memory_reset=mem.resettable, results=results,
+                  command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))))
+    report["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if args.size == "124M" and args.batch == 8 and device.type == "cpu":
+        report["targets"] = check_targets(results)
+    if sentiment:
+        report["sentiment"] = sentiment
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The bad-input catalogue: every input a user can get wrong fails before any work with `error: <message>` (no
+traceback), exit status 2, and no run directory written (or, for --resume, the run directory unchanged).
+
+Each case runs launch.py's main() in this process (the command line exactly as typed); a few also run as a real
+subprocess to show the status and the absence of a traceback end to end.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import launch  # noqa: E402
+import params  # noqa: E402
+from lm_human_preferences import train_reward  # noqa: E402
+from lm_human_preferences.language.model import GPT2, GPT2Config  # noqa: E402
+from lm_human_preferences.language.model import test_config as tiny_config  # noqa: E402
+from lm_human_preferences.language.trained_models import save_model_dir  # noqa: E402
+from lm_human_preferences.rewards import RewardModel  # noqa: E402
+from lm_human_preferences.utils import ckpt  # noqa: E402
+
+TEST_PAD = 27  # the test encoding's padding token (27 ids)
+MAIN_TINY = GPT2Config(n_vocab=50257, n_ctx=8, n_embd=4, n_head=1, n_layer=1)  # a GPT-2-vocabulary toy model
+
+
+def record(**changes):
+    """A valid best_of_4 label record of the `test` task (query_length 4, response_length 4), with changes."""
+    rec = {"query": [1, 2, 3, 4], **{f"sample{i}": [5, 6, 7, i] for i in range(4)}, "best": 2}
+    rec.update(changes)
+    return {k: v for k, v in rec.items() if v is not None}
+
+
+def write_labels(path, records):
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def snapshot(directory):
+    """{relative path: (sha256, mtime_ns)} of every file under `directory`."""
+    return {str(p.relative_to(directory)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Inputs for the cases: label files, model and reward-model directories (good, broken, mismatched)."""
+    d = tmp_path_factory.mktemp("inputs")
+    good = [record() for _ in range(16)]
+    out = {
+        "labels_missing_field": write_labels(d / "missing.json", [*good[:5], record(best=None), *good[6:]]),
+        "labels_wrong_length": write_labels(d / "length.json", [*good[:3], record(sample2=[5, 6, 7]), *good[4:]]),
+        "labels_id_out_of_range": write_labels(d / "id.json", [*good[:7], record(query=[1, 2, 99, 4]), *good[8:]]),
+        "labels_best_out_of_range": write_labels(d / "best.json", [*good[:9], record(best=4), *good[10:]]),
+        "labels_too_few": write_labels(d / "few.json", good[:12]),
+        "labels_not_json": str(d / "truncated.json"),
+        "labels_missing": str(d / "no_such_labels.json"),
+    }
+    Path(out["labels_not_json"]).write_text(json.dumps(good)[:100])
+
+    torch.manual_seed(0)
+    save_model_dir(d / "truncated_model", MAIN_TINY, GPT2(MAIN_TINY).state_dict())
+    weights = d / "truncated_model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    other_size = GPT2Config(**{**MAIN_TINY.to_dict(), "n_embd": 8})
+    save_model_dir(d / "other_size_model", MAIN_TINY, GPT2(other_size).state_dict())  # hparams say n_embd 4
+
+    hp = params.get_hparams("train_reward", "test", {})
+    rm = RewardModel(GPT2(GPT2Config(**{**tiny_config().to_dict(), "n_embd": 8}), ["reward"]), padding_token=TEST_PAD)
+    train_reward.save_reward_model(d / "other_size_rm", rm, hp, "test")
+    (d / "other_size_rm" / "reward_model" / "hparams.json").write_text(json.dumps(tiny_config().to_dict()))
+    (d / "empty_rm").mkdir()
+    (d / "no_data").mkdir()
+    out.update(truncated_model=str(d / "truncated_model"), other_size_model=str(d / "other_size_model"),
+               other_size_rm=str(d / "other_size_rm" / "reward_model"), empty_rm=str(d / "empty_rm"),
+               no_data=str(d / "no_data"))
+    return out
+
+
+# (id, command line after `launch.py` with {run}/{file keys} placeholders, environment, expected message parts)
+REWARD = ["train_reward", "test", "{run}"]
+POLICY = ["train_policy", "test", "{run}"]
+OWN_REWARD = ["--rewards.train_new_model", "off", "--rewards.trained_model"]
+CATALOGUE = [
+    ("unknown_experiment", ["train_reward", "sentimentt", "{run}"], {},
+     ["unknown train_reward experiment 'sentimentt'; valid experiments (closest first): sentiment"]),
+    ("unknown_key", [*POLICY, "--ppo.lrr", "1e-5"], {}, ["unknown hyperparameter 'ppo.lrr'; did you mean 'ppo.lr'"]),
+    ("wrong_value_type", [*POLICY, "--ppo.batch_size", "eight"], {},
+     ["invalid value 'eight' for 'ppo.batch_size': expected an integer"]),
+    ("labels_missing_field", [*REWARD, "--labels.source", "{labels_missing_field}"], {},
+     ["record 5: missing field 'best' (fields of this label type: ['query', 'sample0', 'sample1', 'sample2', "
+      "'sample3', 'best'])"]),
+    ("labels_wrong_length", [*REWARD, "--labels.source", "{labels_wrong_length}"], {},
+     ["record 3, field 'sample2': expected 4 token ids (response_length), got 3"]),
+    ("labels_id_out_of_range", [*REWARD, "--labels.source", "{labels_id_out_of_range}"], {},
+     ["record 7, field 'query': token id 99 at position 2 is outside the vocabulary [0, 27) and is not the padding "
+      "token 27"]),
+    ("labels_best_out_of_range", [*REWARD, "--labels.source", "{labels_best_out_of_range}"], {},
+     ["record 9, field 'best': 4 is out of range [0, 4)"]),
+    ("labels_too_few", [*REWARD, "--labels.source", "{labels_too_few}"], {},
+     ["has 12 records, fewer than num_train=16: lower labels.num_train to at most 12"]),
+    ("labels_not_json", [*REWARD, "--labels.source", "{labels_not_json}"], {},
+     ["is not valid JSON", "expected a JSON list of label records"]),
+    ("labels_missing", [*REWARD, "--labels.source", "{labels_missing}"], {},
+     ["local file '{labels_missing}' does not exist: pass an existing path or a URL"]),
+    ("truncated_model_checkpoint", [*REWARD, "--task.policy.initial_model", "{truncated_model}"], {},
+     ["checkpoint file {truncated_model}/model.safetensors is truncated or corrupt"]),
+    ("initial_model_other_size", [*REWARD, "--task.policy.initial_model", "{other_size_model}"], {},
+     ["checkpoint tensor 'h.0.attn.c_attn.bias' has shape (24,) but the model expects (12,); was it written for "
+      "another model size?"]),
+    ("reward_model_other_size", [*POLICY, *OWN_REWARD, "{other_size_rm}"], {},
+     ["checkpoint tensor 'h.0.attn.c_attn.bias' has shape (24,) but the model expects (21,); was it written for "
+      "another model size?"]),
+    ("reward_model_dir_without_files", [*POLICY, *OWN_REWARD, "{empty_rm}"], {},
+     ["reward model directory {empty_rm} lacks model.safetensors, hparams.json; point rewards.trained_model at the "
+      "reward_model/ directory a train_reward run wrote"]),
+    ("missing_initial_model", [*REWARD, "--task.policy.initial_model", "999M"], {},
+     ["no prepared model '999M'", "Prepare it with: python saved_models/prepare_pytorch_checkpoint.py"]),
+    ("context_too_long", [*REWARD, "--task.response_length", "5"], {},
+     ["query_length (4) + suffix (0) + response_length (5) = 9 tokens exceeds the model's n_ctx=8; shorten "
+      "task.query_length or task.response_length"]),
+    ("batch_not_divisible_by_world_size", POLICY, {"WORLD_SIZE": "3", "RANK": "0"},
+     ["'ppo.batch_size' (8) must be divisible by the world size (3), e.g. 6 or 9"]),
+    ("batch_not_divisible_by_minibatches", [*POLICY, "--ppo.nminibatches", "3"], {},
+     ["'ppo.batch_size' (8) must be divisible by 'ppo.nminibatches' (3)"]),
+    ("whitening_minibatch_below_8", [*POLICY, "--ppo.nminibatches", "2"], {},
+     ["reward whitening needs at least 8 rows per minibatch, but 'ppo.batch_size' 8 / 2 = 4"]),
+    ("per_rank_whitening_minibatch_below_8", POLICY, {"WORLD_SIZE": "2", "RANK": "0"},
+     ["reward whitening needs at least 8 rows per rank-local minibatch, but ppo.batch_size 8 / (ppo.nminibatches 1 "
+      "x 2 ranks) = 4"]),
+    ("reward_task_differs", [*POLICY, "--task.response_length", "3"], {},
+     ["rewards.train_new_model.task must equal task (the reward model is trained on the policy's task)"]),
+    ("missing_prepared_dataset", [*POLICY, "--task.query_dataset", "books",
+                                  "--rewards.train_new_model.task.query_dataset", "books"],
+     {"LMHP_DATA_DIR": "{no_data}"},
+     ["prepared dataset file '{no_data}/books_train.bin' not found for dataset 'books', mode 'train': prepare it "
+      "with `python datasets/books.py --mode train`"]),  # the script writes to $LMHP_DATA_DIR too
+    ("unknown_dataset", [*REWARD, "--task.query_dataset", "bookz"], {}, ["unknown dataset 'bookz'"]),
+    ("resume_and_overwrite", [*POLICY, "--resume", "--overwrite"], {},
+     ["--resume and --overwrite exclude each other"]),
+]
+if not torch.cuda.is_available():
+    CATALOGUE.append(("cuda_without_gpu", [*REWARD, "--run.device", "cuda"], {},
+                      ["run.device=cuda but no CUDA device is available; use --run.device cpu"]))
+
+
+def fill(text, values):
+    return text.format(**values)
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bad_input_fails_before_writing(case, files, tmp_path, monkeypatch, capsys):
+    name, argv, env, messages = case
+    values = dict(files, run="run")
+    for key, value in env.items():
+        monkeypatch.setenv(key, fill(value, values))
+    status = launch.main([fill(a, values) for a in argv] + ["--save_dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert status == 2, err[-3000:]
+    assert err.startswith("error: ") and "Traceback" not in err
+    for message in messages:
+        assert fill(message, values) in err
+    assert not (tmp_path / "runs").exists()  # nothing written, not even the run directory
+
+
+def test_catalogue_has_at_least_15_distinct_inputs():
+    assert len({c[0] for c in CATALOGUE}) >= 15
+
+
+@pytest.mark.parametrize("key", ["labels_missing_field", "reward_model_dir_without_files"])
+def test_bad_input_as_a_real_command(files, tmp_path, key):
+    name, argv, env, messages = next(c for c in CATALOGUE if c[0] == key)
+    values = dict(files, run="run")
+    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), *[fill(a, values) for a in argv],
+                             "--save_dir", str(tmp_path / "runs")], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, WANDB_MODE="disabled"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert fill(messages[0], values) in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+# ---- bad inputs inside an existing run (--resume): the run directory stays as it was -----------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A chained reward + policy run of the test experiment (2 updates)."""
+    save_dir = tmp_path_factory.mktemp("finished")
+    assert launch.main(["train_policy", "test", "run", "--save_dir", str(save_dir), "--run.wandb", "disabled"]) == 0
+    return save_dir / "run"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate_weights", "checkpoint file {latest}/model.safetensors is truncated or corrupt"),
+    ("truncate_optimizer", "{latest}/optimizer.pt is truncated or not a checkpoint file of this project"),
+    ("drop_rng", "checkpoint file {latest}/rng-rank0.pt is missing"),
+    ("corrupt_state", "checkpoint file {latest}/state.json is truncated or corrupt"),
+    ("other_size_weights", "checkpoint tensor 'h.0.attn.c_attn.bias' has shape (24,) but the model expects (21,)"),
+])
+def test_damaged_checkpoint_is_refused_on_resume(finished_run, tmp_path, capsys, damage, message):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    latest = ckpt.latest_checkpoint(run_dir / "policy" / "checkpoints")
+    if damage == "truncate_weights":
+        data = (latest / "model.safetensors").read_bytes()
+        (latest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "truncate_optimizer":
+        data = (latest / "optimizer.pt").read_bytes()
+        (latest / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "drop_rng":
+        (latest / "rng-rank0.pt").unlink()
+    elif damage == "corrupt_state":
+        (latest / "state.json").write_text('{"global_step": 2, "kl')
+    else:
+        model = GPT2(GPT2Config(**{**tiny_config().to_dict(), "n_embd": 8}), ["value"])
+        ckpt.atomic_save_tensors(latest / "model.safetensors", model.state_dict())
+    before = snapshot(run_dir)
+    status = launch.main(["train_policy", "test", "run", "--save_dir", str(tmp_path), "--run.wandb", "disabled",
+                          "--ppo.total_episodes", "24", "--resume"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert message.format(latest=latest) in err
+    assert snapshot(run_dir) == before

@@ -1,0 +1,343 @@
+"""Exact resume: a run killed with SIGKILL (or stopped by SIGTERM/SIGINT) and continued with --resume ends with the
+same weights, optimizer state, KL coefficient and logged statistics as the same run done in one go - in one
+process and under torchrun with 2 ranks (gloo, CPU). Plus the checkpoint/metrics file plumbing on its own.
+
+The runs are the tiny `test` experiment against one reward model trained per module. Test-only behaviour
+(pausing at a chosen point, slowing updates down) is injected with a `sitecustomize.py` put on PYTHONPATH, so the
+production code has no test hooks.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import launch  # noqa: E402
+import params  # noqa: E402
+from lm_human_preferences import train_reward  # noqa: E402
+from lm_human_preferences.utils import ckpt  # noqa: E402
+
+N_UPDATES = 6
+PAUSE_AT = 3  # the SIGKILL lands after update 3 was logged, before its checkpoint: step-3 is the latest
+TIMEOUT = 240
+
+# Hooks selected by LMHP_TEST_HOOK (imported by every Python process started with hook_env's PYTHONPATH):
+#   pause_after_log:<step>:<marker>  after logging PPO update <step>: append a torn record (as if killed while
+#                                    writing), create <marker>, then sleep until killed
+#   slow_log:<seconds>               sleep after every logged update, so a signal surely lands mid-run
+SITECUSTOMIZE = '''
+import os, time
+_hook = os.environ.get("LMHP_TEST_HOOK", "")
+if _hook.startswith(("pause_after_log:", "slow_log:")):
+    from lm_human_preferences.utils import logging as _logging
+    _log = _logging.Logger.log
+
+    def _hooked_log(self, stats, step):
+        _log(self, stats, step)
+        if self.metrics_path is None or self.metrics_path.name != "train_policy_metrics.jsonl":
+            return
+        kind, _, arg = _hook.partition(":")
+        if kind == "slow_log":
+            time.sleep(float(arg))
+            return
+        at, _, marker = arg.partition(":")
+        if step == int(at):
+            with open(self.metrics_path, "a") as f:
+                f.write('{"step": %d, "objective/kl": 0.12' % (step + 1))
+            open(marker, "w").close()
+            time.sleep(600)
+
+    _logging.Logger.log = _hooked_log
+'''
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+
+def hook_env(tmp_path, hook=None):
+    """The environment of a launched run: the repo and (with `hook`) the test hooks importable."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hooks), str(ROOT)]), WANDB_MODE="disabled")
+    env.pop("LMHP_TEST_HOOK", None)
+    if hook:
+        env["LMHP_TEST_HOOK"] = hook
+    return env
+
+
+def policy_args(name, save_dir, reward_dir, nproc=1):
+    """train_policy on the test experiment: N_UPDATES updates of 8 episodes per rank, a checkpoint after each."""
+    batch = 8 * nproc
+    return ["train_policy", "test", name, "--save_dir", str(save_dir), "--rewards.train_new_model", "off",
+            "--rewards.trained_model", str(reward_dir), "--ppo.batch_size", str(batch),
+            "--ppo.total_episodes", str(batch * N_UPDATES), "--run.save_interval", "1",
+            "--run.keep_checkpoints", "10"]
+
+
+def command(args, nproc=1):
+    """The command line of launch.py (under torchrun for nproc > 1)."""
+    if nproc == 1:
+        return [sys.executable, str(ROOT / "launch.py"), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            str(ROOT / "launch.py"), *args]
+
+
+def run(args, env, nproc=1):
+    """Runs launch.py to the end; returns the CompletedProcess."""
+    return subprocess.run(command(args, nproc), env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def start(args, env, nproc=1, log=None):
+    """Starts launch.py in the background (its own session), output to `log`."""
+    return subprocess.Popen(command(args, nproc), env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for(paths, proc, timeout=TIMEOUT):
+    """Polls until every path exists; fails if the process ends first."""
+    deadline = time.time() + timeout
+    while not all(Path(p).exists() for p in paths):
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {paths} appeared"
+        assert time.time() < deadline, f"timed out waiting for {paths}"
+        time.sleep(0.005)
+
+
+def descendants(pid):
+    """The pids of every process descended from `pid` (torchrun starts workers in sessions of their own)."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_all(proc):
+    """SIGKILL to a launched run and every process it started (a preempted machine); waits for it."""
+    for pid in descendants(proc.pid) + [proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+
+
+def checkpoint_root(run_dir):
+    return Path(run_dir) / "policy" / "checkpoints"
+
+
+def metrics(run_dir):
+    """The policy metrics records without timing keys; every line must be a whole JSON record."""
+    lines = (Path(run_dir) / "train_policy_metrics.jsonl").read_text().splitlines(keepends=True)
+    assert all(line.endswith("\n") for line in lines), "torn record in the metrics file"
+    records = [json.loads(line) for line in lines]
+    return [{k: v for k, v in r.items() if not k.startswith("elapsed/")} for r in records]
+
+
+def final_state(run_dir):
+    """(checkpoint name, weights, optimizer state, state.json without the wandb id) of a run's latest checkpoint."""
+    latest = ckpt.latest_checkpoint(checkpoint_root(run_dir))
+    state = json.loads((latest / "state.json").read_text())
+    state.pop("wandb_id")
+    return (latest.name, load_file(str(latest / "model.safetensors")), ckpt.torch_load_safe(latest / "optimizer.pt"),
+            state)
+
+
+def assert_same_run(resumed_dir, straight_dir):
+    """Bit-identical final weights, optimizer state, KL controller and step; identical statistics for every update."""
+    name, weights, optimizer, state = final_state(resumed_dir)
+    name0, weights0, optimizer0, state0 = final_state(straight_dir)
+    assert name == name0 == f"step-{N_UPDATES:08d}"
+    assert state == state0  # global_step, kl_ctl value (exact float), world size
+    assert weights.keys() == weights0.keys()
+    assert all(torch.equal(weights[k], weights0[k]) for k in weights0), \
+        [k for k in weights0 if not torch.equal(weights[k], weights0[k])]
+    assert optimizer["step_count"] == optimizer0["step_count"] == N_UPDATES * 2  # noptepochs 2, 1 minibatch
+    for i, slots in optimizer0["state"].items():
+        for slot, value in slots.items():
+            assert torch.equal(optimizer["state"][i][slot], value), (i, slot)
+    records, records0 = metrics(resumed_dir), metrics(straight_dir)
+    assert [r["step"] for r in records] == list(range(N_UPDATES))  # no duplicated or missing update
+    assert records == records0
+
+
+def in_process(args):
+    """launch.py's main() in this process (faster than a subprocess for the continuation runs)."""
+    return launch.main(list(args))
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory):
+    """One reward model for every run of this module."""
+    save_dir = tmp_path_factory.mktemp("reward") / "rm"
+    train_reward.train(params.get_hparams("train_reward", "test", {"run.save_dir": str(save_dir),
+                                                                   "run.wandb": "disabled"}))
+    return save_dir / "reward_model"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, reward_dir):
+    """The uninterrupted single-process run."""
+    tmp = tmp_path_factory.mktemp("straight")
+    assert in_process(policy_args("run", tmp, reward_dir)) == 0
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def straight_2ranks(tmp_path_factory, reward_dir):
+    """The uninterrupted run under torchrun with 2 ranks."""
+    tmp = tmp_path_factory.mktemp("straight2")
+    result = run(policy_args("run", tmp, reward_dir, nproc=2), hook_env(tmp), nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp / "run"
+
+
+# ---- SIGKILL, then --resume --------------------------------------------------------------------------------
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, reward_dir, straight):
+    marker = tmp_path / "paused"
+    args = policy_args("run", tmp_path, reward_dir)
+    proc = start(args, hook_env(tmp_path, f"pause_after_log:{PAUSE_AT}:{marker}"), log=tmp_path / "killed.log")
+    wait_for([checkpoint_root(tmp_path / "run") / f"step-{PAUSE_AT:08d}" / "COMPLETE", marker], proc)
+    kill_all(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert ckpt.latest_checkpoint(checkpoint_root(tmp_path / "run")).name == f"step-{PAUSE_AT:08d}"
+    raw = (tmp_path / "run" / "train_policy_metrics.jsonl").read_text()
+    assert not raw.endswith("\n")  # the kill left update 3's record and a torn one behind
+
+    assert in_process([*args, "--resume"]) == 0
+    assert_same_run(tmp_path / "run", straight)
+
+
+# ---- SIGTERM / SIGINT: checkpoint, clean exit, resume ------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_and_exits_cleanly(tmp_path, reward_dir, straight, sig):
+    args = policy_args("run", tmp_path, reward_dir)
+    proc = start(args, hook_env(tmp_path, "slow_log:0.3"), log=tmp_path / "stopped.log")
+    wait_for([checkpoint_root(tmp_path / "run") / "step-00000001" / "COMPLETE"], proc)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=TIMEOUT) == 0
+    output = (tmp_path / "stopped.log").read_text()
+    latest = ckpt.latest_checkpoint(checkpoint_root(tmp_path / "run"))
+    step = ckpt.checkpoint_step(latest)
+    assert 1 <= step < N_UPDATES
+    assert (f"stopped by {sig.name} after update {step} of {N_UPDATES}; checkpoint {latest}. Resume with the same "
+            f"command plus --resume") in output
+    assert "Traceback" not in output
+    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(step))
+
+    assert in_process([*args, "--resume"]) == 0
+    assert_same_run(tmp_path / "run", straight)
+
+
+def test_sigterm_then_sigkill_under_torchrun_resume_bit_identical(tmp_path, reward_dir, straight_2ranks):
+    """2 ranks: SIGTERM to torchrun (it forwards it to both workers, which agree, checkpoint and exit 0; torchrun
+    itself then exits 1 with torch's SignalException), resume, SIGKILL to every process somewhere in the next
+    update, resume again: the end is the uninterrupted run's, bit for bit."""
+    args = policy_args("run", tmp_path, reward_dir, nproc=2)
+    root = checkpoint_root(tmp_path / "run")
+    proc = start(args, hook_env(tmp_path, "slow_log:0.3"), nproc=2, log=tmp_path / "stopped.log")
+    wait_for([root / "step-00000001" / "COMPLETE"], proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=TIMEOUT)
+    output = (tmp_path / "stopped.log").read_text()
+    stopped = ckpt.checkpoint_step(ckpt.latest_checkpoint(root))
+    assert 1 <= stopped < N_UPDATES - 2
+    assert f"stopped by SIGTERM after update {stopped} of {N_UPDATES}" in output
+    assert "exitcode  : " not in output  # no worker failed; only the agent reports the signal
+
+    proc = start([*args, "--resume"], hook_env(tmp_path), nproc=2, log=tmp_path / "killed.log")
+    wait_for([root / f"step-{stopped + 1:08d}" / "COMPLETE"], proc)
+    kill_all(proc)  # agent and both workers, wherever they are in the next update
+    killed = ckpt.latest_checkpoint(root)
+    assert stopped + 1 <= ckpt.checkpoint_step(killed) < N_UPDATES
+    assert f"resumed from {root / f'step-{stopped:08d}'}" in (tmp_path / "killed.log").read_text()
+
+    result = run([*args, "--resume"], hook_env(tmp_path), nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resumed from {killed}" in result.stdout
+    assert_same_run(tmp_path / "run", straight_2ranks)
+    for rank in (0, 1):  # every rank's own RNG state and data position are in the checkpoint
+        assert (killed / f"rng-rank{rank}.pt").is_file() and (killed / f"sampler-rank{rank}.json").is_file()
+
+
+# ---- the plumbing ------------------------------------------------------------------------------------------
+
+def test_truncate_metrics_drops_resumed_and_torn_records(tmp_path):
+    path = tmp_path / "train_policy_metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "x": s / 3}) + "\n" for s in range(5)) + '{"step": 5, "x": 0.')
+    ckpt.truncate_metrics(path, 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    assert path.read_text().endswith("\n")
+    ckpt.truncate_metrics(path, 0)
+    assert path.read_text() == ""
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "state.json"
+    ckpt.atomic_write_json(path, {"a": 1})
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.atomic_write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no temporary file left
+
+
+def test_only_complete_checkpoints_count_and_last_k_are_kept(tmp_path):
+    for step in range(1, 6):
+        tmp = ckpt.begin_checkpoint(tmp_path, step)
+        (tmp / "model.safetensors").write_bytes(b"x")
+        ckpt.commit_checkpoint(tmp, keep=3)
+    half = ckpt.begin_checkpoint(tmp_path, 6)  # a crash while assembling step 6
+    (tmp_path / "step-00000007").mkdir()  # no COMPLETE marker
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step-00000003", "step-00000004", "step-00000005"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000005"
+    ckpt.remove_stale_tmp(tmp_path)
+    assert not half.exists()
+
+
+def test_reward_model_directory_appears_complete_or_not_at_all(tmp_path, reward_dir, monkeypatch):
+    """A failure while writing the reward model leaves no reward_model/ that train_policy could mistake for one."""
+    from lm_human_preferences.rewards import load_reward_model
+    rm = load_reward_model(str(reward_dir), n_vocab=27, padding_token=27)
+    hp = params.get_hparams("train_reward", "test", {"run.save_dir": str(tmp_path)})
+    calls = []
+    real = ckpt.atomic_write_bytes
+
+    def fail_on_third(path, data):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", fail_on_third)
+    with pytest.raises(OSError):
+        train_reward.save_reward_model(tmp_path, rm, hp, "test")
+    assert not (tmp_path / "reward_model").exists() and not train_reward.reward_model_complete(tmp_path)
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", real)
+    train_reward.save_reward_model(tmp_path, rm, hp, "test")
+    assert train_reward.reward_model_complete(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reward_model", "train_reward_hparams.json"]
