@@ -617,7 +617,7 @@ def sentiment_projection(device, precision, args, mem) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="124M", help=f"model shape: {', '.join(MODEL_SIZES)} (random weights)")
+    p.add_argument("--size", default="124M", choices=list(MODEL_SIZES), help="model shape (random weights)")
     p.add_argument("--batch", type=int, default=8, help="per-rank batch (queries per iteration)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="both", choices=["both", "fp32", "bf16"])
