@@ -59,7 +59,9 @@ class DemoProfile:
     # task: a "mock sentiment" task on fortunes, shaped like the original's books task (ORIGINAL §3.2)
     query_length: int = 32
     response_length: int = 16
-    truncate_after: int = 8  # a response must contain a '.' at index >= this, else it scores -1
+    # The books task's period rule (truncate after the first '.' at index >= truncate_after, score -1 without one)
+    # is off by default: for a model this small the penalty would dominate the reward.
+    truncate_after: Optional[int] = None
     temperature: float = 0.7
     # labels and reward model
     num_labels: int = 1792  # label records written; the first num_train train the reward model, the rest are held out
@@ -155,8 +157,8 @@ def task_binds(profile: DemoProfile, paths: DemoPaths) -> dict:
         "response_length": profile.response_length,
         "start_text": ".",  # start the query at the beginning of a sentence
         "end_text": ".",  # end it at the end of a sentence
-        "truncate_token": PERIOD,  # end responses at the end of a sentence
-        "truncate_after": profile.truncate_after,
+        "truncate_token": None if profile.truncate_after is None else PERIOD,
+        "truncate_after": profile.truncate_after or 0,
         "policy.temperature": profile.temperature,
         "policy.initial_model": str(paths.pretrained),
     }

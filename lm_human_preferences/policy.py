@@ -12,6 +12,49 @@ from lm_human_preferences.language.sample import sample_sequence
 from lm_human_preferences.lm_tasks import format_queries
 from lm_human_preferences.utils.core import entropy_from_logits, logprobs_from_logits
 
+CHUNK_ROWS = 32  # rows of (rows, vocab) float32 logits handled at once by LogprobsEntropy (about 6 MB at 50257)
+
+
+class LogprobsEntropy(torch.autograd.Function):
+    """logprobs of `labels` and entropies under softmax(logits / temperature), in float32, row chunk by row chunk.
+
+    The same quantities as logprobs_from_logits and entropy_from_logits on logits / temperature, with a hand-written
+    backward, d logp / dl = onehot - p and d H / dl = -p (l - E_p[l]): it keeps only the logits for the backward,
+    where autograd's chain keeps four (B, T, V) float32 tensors, and makes two passes over them instead of a dozen.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature: float):  # logits (N, V) float32, labels (N,)
+        logprobs = logits.new_empty(logits.shape[0])
+        entropies = logits.new_empty(logits.shape[0])
+        lse = logits.new_empty(logits.shape[0])
+        for r in _row_chunks(logits.shape[0]):
+            l = logits[r] / temperature
+            lse[r] = torch.logsumexp(l, dim=-1)
+            logprobs[r] = l.gather(-1, labels[r, None]).squeeze(-1) - lse[r]
+            entropies[r] = lse[r] - (torch.exp(l - lse[r, None]) * l).sum(dim=-1)
+        ctx.save_for_backward(logits, labels, lse, entropies)
+        ctx.temperature = temperature
+        return logprobs, entropies
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropies):
+        logits, labels, lse, entropies = ctx.saved_tensors
+        t = ctx.temperature
+        grad = torch.empty_like(logits)
+        for r in _row_chunks(logits.shape[0]):
+            l = logits[r] / t
+            p = torch.exp(l - lse[r, None])
+            mean_l = (lse[r] - entropies[r])[:, None]  # E_p[l]
+            g = p * (grad_logprobs[r, None] + grad_entropies[r, None] * (l - mean_l))  # (rows, V)
+            g = g.neg_().scatter_add_(-1, labels[r, None], grad_logprobs[r, None])
+            grad[r] = g / t
+        return grad, None, None
+
+
+def _row_chunks(n: int):
+    return [slice(i, min(i + CHUNK_ROWS, n)) for i in range(0, n, CHUNK_ROWS)]
+
 
 class Policy(nn.Module):
     def __init__(self, model: GPT2, *, temperature: float, padding_token: int, prefix_tokens=(), suffix_tokens=()):
@@ -43,9 +86,18 @@ class Policy(nn.Module):
         tokens = torch.cat([context, responses], dim=1)
         # position ctx_len-1+t predicts response token t
         out = self.model(tokens, padding_token=self.padding_token, lm_positions=slice(ctx_len - 1, ctx_len - 1 + T))
-        logits = out["lm_logits"] / max(self.temperature, 1e-10)  # (B, T, V) float32
-        result = {"logprobs": logprobs_from_logits(logits, responses),
-                  "values": out["value"][:, ctx_len - 1:ctx_len - 1 + T]}
+        result = {"values": out["value"][:, ctx_len - 1:ctx_len - 1 + T]}
+        temperature = max(self.temperature, 1e-10)
+        if with_entropy and torch.is_autocast_enabled(tokens.device.type):
+            # reduced precision: the fused float32 pass (float32 runs keep the plain ops, bit for bit)
+            B, _, V = out["lm_logits"].shape
+            with torch.autocast(device_type=tokens.device.type, enabled=False):
+                logprobs, entropies = LogprobsEntropy.apply(out["lm_logits"].reshape(B * T, V), responses.reshape(-1),
+                                                            temperature)
+            result.update(logprobs=logprobs.view(B, T), entropies=entropies.view(B, T))
+            return result
+        logits = out["lm_logits"] / temperature  # (B, T, V) float32
+        result["logprobs"] = logprobs_from_logits(logits, responses)
         if with_entropy:
             result["entropies"] = entropy_from_logits(logits)
         return result
