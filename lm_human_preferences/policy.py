@@ -1,8 +1,9 @@
 """The policy: GPT-2 with a zero-initialised value head on the same trunk, and the task temperature (ORIGINAL §10).
 
 The temperature divides the logits everywhere: sampling, the stored rollout logprobs, the reference policy's
-logprobs, and the PPO logprobs and entropy. `forward` is the teacher-forced pass (so DDP can wrap a Policy);
-`respond` samples with the KV cache.
+logprobs, and the PPO logprobs and entropy. `forward` is the teacher-forced pass (so DDP can wrap a Policy), one
+model pass for logprobs, entropies and values; `respond` samples with the KV cache. Under autocast the logprobs and
+entropies come from one fused float32 pass over the logits (LogprobsEntropy); float32 runs use the plain ops.
 """
 import torch
 import torch.nn as nn
@@ -12,7 +13,10 @@ from lm_human_preferences.language.sample import sample_sequence
 from lm_human_preferences.lm_tasks import format_queries
 from lm_human_preferences.utils.core import entropy_from_logits, logprobs_from_logits
 
-CHUNK_ROWS = 32  # rows of (rows, vocab) float32 logits handled at once by LogprobsEntropy (about 6 MB at 50257)
+# rows of (rows, vocab) float32 logits LogprobsEntropy handles at once: cache-sized on CPU (about 6 MB at 50257),
+# few kernel launches on accelerators
+CPU_CHUNK_ROWS = 32
+ACCELERATOR_CHUNK_ROWS = 1024
 
 
 class LogprobsEntropy(torch.autograd.Function):
@@ -28,7 +32,7 @@ class LogprobsEntropy(torch.autograd.Function):
         logprobs = logits.new_empty(logits.shape[0])
         entropies = logits.new_empty(logits.shape[0])
         lse = logits.new_empty(logits.shape[0])
-        for r in _row_chunks(logits.shape[0]):
+        for r in _row_chunks(logits.shape[0], logits.device):
             l = logits[r] / temperature
             lse[r] = torch.logsumexp(l, dim=-1)
             logprobs[r] = l.gather(-1, labels[r, None]).squeeze(-1) - lse[r]
@@ -42,7 +46,7 @@ class LogprobsEntropy(torch.autograd.Function):
         logits, labels, lse, entropies = ctx.saved_tensors
         t = ctx.temperature
         grad = torch.empty_like(logits)
-        for r in _row_chunks(logits.shape[0]):
+        for r in _row_chunks(logits.shape[0], logits.device):
             l = logits[r] / t
             p = torch.exp(l - lse[r, None])
             mean_l = (lse[r] - entropies[r])[:, None]  # E_p[l]
@@ -52,8 +56,10 @@ class LogprobsEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-def _row_chunks(n: int):
-    return [slice(i, min(i + CHUNK_ROWS, n)) for i in range(0, n, CHUNK_ROWS)]
+def _row_chunks(n: int, device: torch.device):
+    """Slices covering range(n) in LogprobsEntropy's chunks for `device`."""
+    size = CPU_CHUNK_ROWS if device.type == "cpu" else ACCELERATOR_CHUNK_ROWS
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 class Policy(nn.Module):

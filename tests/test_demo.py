@@ -224,12 +224,3 @@ def test_profiles_build_valid_training_hparams(profile, tmp_path):
     assert reward.labels.num_train < p.num_labels  # some labels are held out for the accuracy
     assert p.query_length + p.response_length <= p.pretrain.n_ctx
     assert policy.rewards.adaptive_kl is not None and reward.normalize_before and reward.normalize_after
-
-
-# ---- the reduced demo, end to end ---------------------------------------------------------------------------
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAVE_CORPUS, reason="Debian's fortunes corpus is not installed: sudo apt-get install fortunes")
-@pytest.mark.skipif(not HAVE_VADER, reason="vaderSentiment is not installed (pip install vaderSentiment)")
-def test_fast_demo_learns_and_resumes(tmp_path):
-    raise NotImplementedError
