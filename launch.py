@@ -29,6 +29,7 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import params
+from lm_human_preferences.utils.alloc import keep_freed_memory
 from lm_human_preferences.utils.hyperparams import HParamsError
 
 TRAIN_COMMANDS = ('train_reward', 'train_policy')
@@ -188,6 +189,7 @@ def _existing_dir(path: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()
     try:
         if argv and argv[0] in TRAIN_COMMANDS:
             return run_training(argv[0], argv[1:])

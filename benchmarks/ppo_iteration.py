@@ -16,11 +16,14 @@ wuwowuyi port does), and an HF-based iteration as in the accelerate port (genera
 the policy's logprobs and values, ref and reward forwards, then 4 epochs of GPT2LMHeadModel + value head with
 torch.optim.Adam on the same loss).
 
-Each timing is the median of --repeats runs after --warmup runs. MFU is model FLOPs per second (matmuls only,
-2 per multiply-add; the same FLOP count for ours and the baselines) over the matmul rate measured here for the
-same precision (a square matmul of --matmul-size). Peak memory is the process's peak RSS (VmHWM, reset per
-phase) on CPU and torch's max allocated bytes on CUDA. On CUDA the script also times the real sentiment
-configuration (per-rank batch = ppo.batch_size on one GPU) and projects the wall time of its 1M episodes.
+Each timing is the median of --repeats runs after --warmup runs, ours and the baselines taking turns run by
+run, so that a machine shared with other work slows all of them alike. MFU is model FLOPs per second (matmuls
+only, 2 per multiply-add; the same FLOP count for ours and the baselines) over the best rate of a square matmul
+of --matmul-size measured here in the same precision. Our peak memory is measured per phase in a child process
+that holds only our models (peak RSS, VmHWM reset per phase, on CPU; torch's max allocated bytes on CUDA). Under
+bf16 the frozen reference policy and reward model keep their Linear layers in bf16 (GPT2.store_linears_in: the
+same outputs under autocast, half their memory). On CUDA the script also times the real sentiment configuration
+(per-rank batch = ppo.batch_size on one GPU) and projects the wall time of its 1M episodes.
 
     python benchmarks/ppo_iteration.py                       # 124M shape, batch 8, fp32 and bf16, baselines
     python benchmarks/ppo_iteration.py --size test --json out.json
@@ -32,6 +35,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -51,10 +55,11 @@ from lm_human_preferences.policy import Policy  # noqa: E402
 from lm_human_preferences.rewards import RewardModel  # noqa: E402
 from lm_human_preferences.train_policy import ppo_train  # noqa: E402
 from lm_human_preferences.utils import dist  # noqa: E402
+from lm_human_preferences.utils.alloc import keep_freed_memory  # noqa: E402
 from lm_human_preferences.utils.core import entropy_from_logits, logprobs_from_logits  # noqa: E402
 from lm_human_preferences.utils.optim import TFAdam  # noqa: E402
 
-GiB = 1024 ** 3
+GB = 1e9
 PHASES = ("sampling", "score", "update", "iteration")
 PHASE_LABELS = {"sampling": "sampling", "score": "ref+score", "update": "update (4 ep)", "iteration": "iteration"}
 # model shapes; the task shapes and PPO settings always come from the sentiment experiment
@@ -183,8 +188,8 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def matmul_rate(device, dtype, n: int, repeats: int = 5) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype` (median of `repeats` after two warm-ups)."""
+def matmul_rate(device, dtype, n: int, repeats: int = 7) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype`: the best of `repeats` after two warm-ups (the machine's rate)."""
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, generator=g, device=device).to(dtype)
     b = torch.randn(n, n, generator=g, device=device).to(dtype)
@@ -196,7 +201,7 @@ def matmul_rate(device, dtype, n: int, repeats: int = 5) -> float:
         sync(device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times)
+    return 2 * n ** 3 / min(times)
 
 
 def forward_flops(config: GPT2Config, tokens: int, keys: float, lm_rows: int) -> float:
@@ -227,47 +232,60 @@ def phase_tokens(s: Setting) -> dict:
     return dict(sampling=B * T, score=2 * B * L, update=s.ppo_hp.noptepochs * B * L, iteration=B * T)
 
 
-def run_timed(iteration_fn, *, warmup: int, repeats: int, mem: PeakMemory):
-    """Runs `iteration_fn(mark)` warmup + repeats times; `mark(phase)` ends a phase. Returns, per phase, the
-    list of timed seconds and the peak memory seen over the timed runs; 'iteration' is the sum of the phases
-    of a run (the memory-peak resets between phases are not timed)."""
-    times = {}
-    peaks = {}
+def run_interleaved(contenders: dict, *, warmup: int, repeats: int, device):
+    """Runs each `contenders[name](mark)` in turn, warmup + repeats rounds; `mark(phase)` ends a phase. Returns
+    {name: {phase: [seconds of each timed run]}}, with 'iteration' the sum of a run's phases when it has several."""
+    times = {name: {} for name in contenders}
     for i in range(warmup + repeats):
-        record = i >= warmup
+        for name, fn in contenders.items():
+            gc.collect()
+            run = {}
+            sync(device)
+            last = time.perf_counter()
+
+            def mark(phase):
+                nonlocal last
+                sync(device)
+                now = time.perf_counter()
+                run[phase] = now - last
+                last = now
+
+            fn(mark)
+            if i >= warmup:
+                for phase, seconds in run.items():
+                    times[name].setdefault(phase, []).append(seconds)
+                if len(run) > 1:
+                    times[name].setdefault("iteration", []).append(sum(run.values()))
+    return times
+
+
+def run_peaks(fn, *, runs: int, mem: PeakMemory) -> dict:
+    """Peak memory of each phase of `fn(mark)` over `runs` runs (after one untimed run); 'iteration' the largest."""
+    fn(lambda phase: None)
+    peaks = {}
+    for _ in range(runs):
         gc.collect()
         sync(mem.device)
         mem.reset()
-        run = {}
-        last = time.perf_counter()
 
         def mark(phase):
-            nonlocal last
             sync(mem.device)
-            run[phase] = time.perf_counter() - last
-            if record:
-                peaks[phase] = max(peaks.get(phase, 0), mem.peak())
+            peaks[phase] = max(peaks.get(phase, 0), mem.peak())
             mem.reset()
-            last = time.perf_counter()
 
-        iteration_fn(mark)
-        if record:
-            for phase, seconds in run.items():
-                times.setdefault(phase, []).append(seconds)
-            if len(run) > 1:
-                times.setdefault("iteration", []).append(sum(run.values()))
-                peaks["iteration"] = max(peaks[p] for p in run)
-    return times, peaks
+        fn(mark)
+    peaks["iteration"] = max(peaks.values())
+    return peaks
 
 
 def summarize(times, peaks, flops, tokens, rate):
-    """Median seconds, tokens/s, achieved FLOP/s, MFU and peak memory of each phase."""
+    """Median seconds, tokens/s, achieved FLOP/s, MFU and peak memory (None when not measured) of each phase."""
     out = {}
     for phase, ts in times.items():
         med = statistics.median(ts)
         out[phase] = dict(median_s=med, times_s=ts, tokens=tokens.get(phase), tokens_per_s=tokens.get(phase, 0) / med,
                           flops=flops.get(phase), flops_per_s=flops.get(phase, 0) / med,
-                          mfu=flops.get(phase, 0) / med / rate, peak_bytes=peaks.get(phase))
+                          mfu=flops.get(phase, 0) / med / rate, peak_bytes=(peaks or {}).get(phase))
     return out
 
 
@@ -301,23 +319,19 @@ def our_iteration(models, s: Setting, queries, orders, *, precision, device, gen
     mark("update")
 
 
-def measure_ours(s: Setting, precision, device, args, mem, compiled=False):
-    """Builds fresh models (same seed as the baselines) and times our iterations."""
-    models = build_ours(s, args.seed, device, precision)
-    if compiled:
-        for name in ("policy", "ref_policy"):
-            models[name].model.forward = torch.compile(models[name].model.forward)
-        models["reward_model"].model.forward = torch.compile(models["reward_model"].model.forward)
-    queries, orders = make_inputs(s, args.seed, device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+def ours_contender(s: Setting, precision, device, seed: int, compiled=False):
+    """Builds our models (the baselines' seed) and returns fn(mark) running one of our iterations."""
+    models = build_ours(s, seed, device, precision)
+    if compiled:  # as train_policy does with run.compile, for every model
+        for module in (models["policy"].model, models["ref_policy"].model, models["reward_model"].model):
+            module.forward = torch.compile(module.forward)
+    queries, orders = make_inputs(s, seed, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     def iteration(mark):
         our_iteration(models, s, queries, orders, precision=precision, device=device, generator=generator, mark=mark)
 
-    times, peaks = run_timed(iteration, warmup=args.warmup, repeats=args.repeats, mem=mem)
-    del models
-    gc.collect()
-    return times, peaks
+    return iteration
 
 
 # ---- baselines -------------------------------------------------------------------------------------------
@@ -480,28 +494,21 @@ def hf_iteration(models, s: Setting, queries, orders, *, precision, device, mark
     mark("update")
 
 
-def measure_baselines(s: Setting, precision, device, args, mem):
-    """Times the HF-based iteration (its phases are the HF baselines) and the no-cache sampler."""
-    models = build_hf(s, args.seed, device)
-    queries, orders = make_inputs(s, args.seed, device)
-    torch.manual_seed(args.seed)  # generate draws from the global generator
+def baseline_contenders(s: Setting, precision, device, seed: int) -> dict:
+    """fn(mark) for the HF-based iteration (its phases are the HF baselines) and for the no-cache sampler."""
+    models = build_hf(s, seed, device)
+    queries, orders = make_inputs(s, seed, device)
+    torch.manual_seed(seed)  # generate draws from the global generator
 
     def iteration(mark):
         hf_iteration(models, s, queries, orders, precision=precision, device=device, mark=mark)
-
-    hf_times, hf_peaks = run_timed(iteration, warmup=args.warmup, repeats=args.repeats, mem=mem)
 
     def nocache(mark):
         with dist.autocast(device, precision):
             nocache_sample(models["policy"].lm, queries, s.response_length, s.temperature)
         mark("sampling")
 
-    nc_times, nc_peaks = run_timed(nocache, warmup=args.warmup, repeats=args.repeats, mem=mem)
-    del models
-    gc.collect()
-    return {"hf": (hf_times, hf_peaks), "hf_generate": ({"sampling": hf_times["sampling"]},
-                                                        {"sampling": hf_peaks["sampling"]}),
-            "nocache": ({"sampling": nc_times["sampling"]}, {"sampling": nc_peaks["sampling"]})}
+    return {"hf": iteration, "nocache": nocache}
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -535,9 +542,9 @@ def check_targets(results) -> list:
         row("fp32 sampling vs HF generate >= 2x", 2.0, sp["sampling"]["hf_generate"],
             sp["sampling"]["hf_generate"] >= 2.0)
         row("fp32 sampling vs no cache >= 15x", 15.0, sp["sampling"]["nocache"], sp["sampling"]["nocache"] >= 15)
-    peaks = [r["ours"]["iteration"]["peak_bytes"] / GiB for r in results.values()]
-    if peaks:
-        row("peak memory <= 3.5 GiB", 3.5, max(peaks), max(peaks) <= 3.5)
+    if bf:
+        peak = bf["ours"]["iteration"]["peak_bytes"] / GB
+        row("bf16 peak memory <= 3.5 GB", 3.5, peak, peak <= 3.5)
     return rows
 
 
@@ -550,9 +557,10 @@ def format_table(report) -> str:
                  f"{report['nminibatches']} minibatch, device {report['device']} ({m['device_name']}, "
                  f"{m['threads']} threads), median of {report['repeats']} after {report['warmup']} warm-up")
     rates = report["matmul_flops_per_s"]
-    lines.append(f"matmul {report['matmul_size']}^3: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()))
-    header = (f"{'prec':<5} {'phase':<14} {'ours s':>8} {'tok/s':>9} {'MFU':>6} {'peak GiB':>8}   "
-              f"{'baseline':<32} {'base s':>8} {'base MFU':>8} {'peak GiB':>8} {'speed-up':>9}")
+    lines.append(f"matmul {report['matmul_size']}^3 (best of 7): " +
+                 ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()))
+    header = (f"{'prec':<5} {'phase':<25} {'ours s':>8} {'tok/s':>9} {'MFU':>6} {'peak GB':>8}   "
+              f"{'baseline':<31} {'base s':>8} {'base MFU':>8} {'speed-up':>9}")
     lines.append(header)
     lines.append("-" * len(header))
     for prec, r in report["results"].items():
@@ -562,8 +570,9 @@ def format_table(report) -> str:
             for phase in PHASES:
                 o = r[variant][phase]
                 label = PHASE_LABELS[phase] + (" (compiled)" if variant == "ours_compiled" else "")
-                left = (f"{prec:<5} {label:<14} {o['median_s']:8.3f} {o['tokens_per_s']:9.1f} {100 * o['mfu']:5.1f}% "
-                        f"{o['peak_bytes'] / GiB:8.2f}   ")
+                peak = f"{o['peak_bytes'] / GB:8.2f}" if o["peak_bytes"] else f"{'-':>8}"
+                left = (f"{prec:<5} {label:<25} {o['median_s']:8.3f} {o['tokens_per_s']:9.1f} "
+                        f"{100 * o['mfu']:5.1f}% {peak}   ")
                 bases = [b for b in BASELINES[phase] if b in r.get("baselines", {})] if variant == "ours" else []
                 if not bases:
                     lines.append(left.rstrip())
@@ -571,11 +580,18 @@ def format_table(report) -> str:
                     bo = r["baselines"][b][phase]
                     sp = bo["median_s"] / o["median_s"]
                     prefix = left if i == 0 else " " * len(left)
-                    lines.append(f"{prefix}{BASELINE_LABELS[b]:<32} {bo['median_s']:8.3f} {100 * bo['mfu']:7.1f}% "
-                                 f"{bo['peak_bytes'] / GiB:8.2f} {sp:8.2f}x")
+                    lines.append(f"{prefix}{BASELINE_LABELS[b]:<31} {bo['median_s']:8.3f} {100 * bo['mfu']:7.1f}% "
+                                 f"{sp:8.2f}x")
     lines.append("tok/s: sampled tokens/s (sampling, iteration), sequence tokens through each model/s (ref+score), "
                  "sequence tokens x epochs/s (update). speed-up = baseline s / ours s. peak: "
-                 + ("max allocated" if report["device"] == "cuda" else "peak RSS of the process during the phase"))
+                 + ("torch's max allocated bytes" if report["device"] == "cuda" else
+                    "peak RSS of a process holding only our models") + " (1 GB = 1e9 bytes)")
+    load = m.get("loadavg_start"), m.get("loadavg_end")
+    if all(load):
+        # the end figure includes this run's own threads; only load present before it started is other work
+        lines.append(f"load average (1 min) at start {load[0][0]:.2f} (at end, including this run, {load[1][0]:.2f})"
+                     + ("  -- other work shared this machine: timings are slower and noisier than on an idle one"
+                        if load[0][0] > 0.5 else ""))
     if report.get("targets"):
         lines.append("targets (issue 7, CPU, 124M, batch 8):")
         for t in report["targets"]:
@@ -598,24 +614,44 @@ def machine_info(device) -> dict:
                 name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
         except OSError:
             pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
     return dict(device_name=name, threads=torch.get_num_threads(), cpus=os.cpu_count(), torch=torch.__version__,
-                python=platform.python_version(), loadavg_start=load)
+                python=platform.python_version())
 
 
-def sentiment_projection(device, precision, args, mem) -> dict:
+def sentiment_projection(device, precision, args) -> dict:
     """Seconds per iteration at the sentiment experiment's real per-rank batch on one device, and the wall time
     of its total episodes at that rate (sampling, scoring and PPO only; no logging or checkpoints)."""
     s = sentiment_setting(args.size, None)
-    times, _ = measure_ours(s, precision, device, args, mem)
+    times = run_interleaved({"ours": ours_contender(s, precision, device, args.seed)}, warmup=args.warmup,
+                            repeats=args.repeats, device=device)["ours"]
+    gc.collect()
     per_iter = statistics.median(times["iteration"])
-    nupdates = math.ceil(s.ppo_hp.total_episodes / s.ppo_hp.batch_size)
+    nupdates = s.ppo_hp.nupdates
     return dict(precision=precision, batch=s.batch, seconds_per_iteration=per_iter, nupdates=nupdates,
                 total_episodes=s.ppo_hp.total_episodes, projected_hours=per_iter * nupdates / 3600,
                 phase_s={k: statistics.median(v) for k, v in times.items() if k != "iteration"})
+
+
+def probe_memory(args, precision) -> dict:
+    """Our per-phase peak memory, measured in a child process that holds nothing else (the timing process also
+    holds the baselines' models, and freed memory the allocator keeps would blur a second measurement)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", precision, "--size", args.size,
+           "--batch", str(args.batch), "--device", args.device, "--seed", str(args.seed)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the memory probe failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory_probe_main(args):
+    """The child of probe_memory: prints {'peaks': {phase: bytes}, 'resettable': bool} as one JSON line."""
+    device = dist.resolve_device(args.device)
+    mem = PeakMemory(device)
+    s = sentiment_setting(args.size, args.batch)
+    peaks = run_peaks(ours_contender(s, args.memory_probe, device, args.seed), runs=1, mem=mem)
+    print(json.dumps({"peaks": peaks, "resettable": mem.resettable}))
 
 
 def parse_args(argv=None):
@@ -636,6 +672,7 @@ def parse_args(argv=None):
                                                                  "8192 CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    p.add_argument("--memory-probe", choices=["fp32", "bf16"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         p.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
@@ -644,40 +681,54 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    # what launch.py does (every contender in this process and the memory probe share it; LMHP_MALLOC=default
+    # measures without it)
+    malloc_kept = keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        return memory_probe_main(args)
     device = dist.resolve_device(args.device)
+    load_start = os.getloadavg()
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     s = sentiment_setting(args.size, args.batch)
-    mem = PeakMemory(device)
-    n = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    n = args.matmul_size or (8192 if device.type == "cuda" else 2048 if args.size == "124M" else 512)
     rates = {p: matmul_rate(device, torch.float32 if p == "fp32" else torch.bfloat16, n) for p in precisions}
     flops, tokens = phase_flops(s), phase_tokens(s)
 
-    results = {}
+    results, resettable = {}, True
     for prec in precisions:
-        times, peaks = measure_ours(s, prec, device, args, mem)
-        results[prec] = {"ours": summarize(times, peaks, flops, tokens, rates[prec])}
+        probe = probe_memory(args, prec)
+        resettable &= probe["resettable"]
+        contenders = {"ours": ours_contender(s, prec, device, args.seed)}
         if args.compile:
-            times, peaks = measure_ours(s, prec, device, args, mem, compiled=True)
-            results[prec]["ours_compiled"] = summarize(times, peaks, flops, tokens, rates[prec])
-    sentiment = None
-    if args.sentiment or device.type == "cuda":
-        sentiment = sentiment_projection(device, "bf16" if "bf16" in precisions else precisions[0], args, mem)
-    if not args.no_baselines:
-        for prec in precisions:
-            r = results[prec]
-            r["baselines"] = {name: summarize(t, pk, flops, tokens, rates[prec])
-                              for name, (t, pk) in measure_baselines(s, prec, device, args, mem).items()}
+            contenders["ours_compiled"] = ours_contender(s, prec, device, args.seed, compiled=True)
+        if not args.no_baselines:
+            contenders.update(baseline_contenders(s, prec, device, args.seed))
+        times = run_interleaved(contenders, warmup=args.warmup, repeats=args.repeats, device=device)
+        del contenders
+        gc.collect()
+        r = results[prec] = {"ours": summarize(times["ours"], probe["peaks"], flops, tokens, rates[prec])}
+        if args.compile:
+            r["ours_compiled"] = summarize(times["ours_compiled"], None, flops, tokens, rates[prec])
+        if not args.no_baselines:
+            r["baselines"] = {"hf": summarize(times["hf"], None, flops, tokens, rates[prec]),
+                              "hf_generate": summarize({"sampling": times["hf"]["sampling"]}, None, flops, tokens,
+                                                       rates[prec]),
+                              "nocache": summarize(times["nocache"], None, flops, tokens, rates[prec])}
             r["speedup"] = {phase: {b: r["baselines"][b][phase]["median_s"] / r["ours"][phase]["median_s"]
                                     for b in BASELINES[phase]} for phase in PHASES}
+    sentiment = None
+    if args.sentiment or device.type == "cuda":
+        sentiment = sentiment_projection(device, "bf16" if "bf16" in precisions else precisions[0], args)
 
     report = dict(size=args.size, batch=s.batch, query_length=s.query_length, response_length=s.response_length,
                   noptepochs=s.ppo_hp.noptepochs, nminibatches=s.ppo_hp.nminibatches, device=device.type,
                   repeats=args.repeats, warmup=args.warmup, matmul_size=n, matmul_flops_per_s=rates,
-                  machine=machine_info(device), memory_reset=mem.resettable, results=results,
-                  command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))))
-    report["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+                  machine=machine_info(device), memory_reset=resettable, results=results,
+                  command=" ".join(["python", "benchmarks/ppo_iteration.py"] +
+                                   (sys.argv[1:] if argv is None else list(argv))))
+    report["machine"].update(loadavg_start=load_start, loadavg_end=os.getloadavg(), malloc_keeps_freed=malloc_kept)
     if args.size == "124M" and args.batch == 8 and device.type == "cpu":
         report["targets"] = check_targets(results)
     if sentiment:

@@ -57,23 +57,26 @@ class DemoProfile:
     pretrain: PretrainConfig
     seed: int = 1
     # task: a "mock sentiment" task on fortunes, shaped like the original's books task (ORIGINAL §3.2)
-    query_length: int = 32
+    query_length: int = 24
     response_length: int = 16
     # The books task's period rule (truncate after the first '.' at index >= truncate_after, score -1 without one)
     # is off by default: for a model this small the penalty would dominate the reward.
     truncate_after: Optional[int] = None
     temperature: float = 0.7
     # labels and reward model
-    num_labels: int = 1792  # label records written; the first num_train train the reward model, the rest are held out
-    num_train: int = 1536
-    rm_batch_size: int = 32
-    rm_lr: float = 1e-4
+    num_labels: int = 1536  # comparisons collected; the last num_heldout only measure the reward model's accuracy
+    num_heldout: int = 256
+    # train_reward reads its labels once (ORIGINAL §9.2); the demo writes the training comparisons this many times in
+    # the label file, i.e. trains for that many epochs: a 3M-parameter model needs more passes than GPT-2 does
+    rm_epochs: int = 3
+    rm_batch_size: int = 16
+    rm_lr: float = 2e-3
     normalize_samples: int = 256
     rollout_batch_size: int = 128
     # PPO
     ppo_batch_size: int = 32
-    ppo_episodes: int = 3840
-    ppo_lr: float = 1e-4
+    ppo_episodes: int = 1920
+    ppo_lr: float = 5e-4
     noptepochs: int = 4
     kl_coef: float = 0.15  # initial beta
     kl_target: float = 4.0  # nats per response
@@ -81,13 +84,19 @@ class DemoProfile:
     # evaluation
     num_eval: int = 512
 
+    @property
+    def num_train(self) -> int:
+        """Label records train_reward trains on: every training comparison rm_epochs times."""
+        return (self.num_labels - self.num_heldout) * self.rm_epochs
+
 
 PROFILES = {
     "full": DemoProfile(name="full", pretrain=PretrainConfig(n_layer=4, n_embd=64, n_head=4, n_ctx=64, batch_size=16,
                                                               steps=400, lr=3e-3, warmup=40)),
-    "fast": DemoProfile(name="fast", pretrain=PretrainConfig(n_layer=2, n_embd=32, n_head=2, n_ctx=64, batch_size=16,
-                                                              steps=150, lr=5e-3, warmup=15),
-                        num_labels=640, num_train=512, ppo_episodes=1280, num_eval=256, normalize_samples=128),
+    "fast": DemoProfile(name="fast", pretrain=PretrainConfig(n_layer=2, n_embd=64, n_head=4, n_ctx=64, batch_size=16,
+                                                              steps=120, lr=5e-3, warmup=12),
+                        response_length=12, num_labels=640, num_heldout=128, rm_epochs=4, normalize_samples=128,
+                        ppo_episodes=640, ppo_lr=1e-3, num_eval=256),
 }
 
 
@@ -222,9 +231,8 @@ def stage_config(stage: str, profile: DemoProfile, corpus_dir: Path) -> dict:
     return {"corpus": {"corpus_dir": str(Path(corpus_dir).resolve()), "fractions": demo_corpus.SPLIT_FRACTIONS,
                        "seed": demo_corpus.SPLIT_SEED},
             "pretrain": p["pretrain"],
-            "labels": {**task, "num_labels": profile.num_labels, "seed": profile.seed},
-            "reward": {k: p[k] for k in ("num_train", "rm_batch_size", "rm_lr", "normalize_samples",
-                                         "rollout_batch_size", "seed")},
+            "labels": {**task, **{k: p[k] for k in ("num_labels", "num_heldout", "rm_epochs", "seed")}},
+            "reward": {k: p[k] for k in ("rm_batch_size", "rm_lr", "normalize_samples", "rollout_batch_size", "seed")},
             "policy": {k: p[k] for k in ("ppo_batch_size", "ppo_episodes", "ppo_lr", "noptepochs", "kl_coef",
                                          "kl_target", "kl_horizon", "seed")},
             "evaluate": {"num_eval": profile.num_eval, "seed": profile.seed}}[stage]
@@ -273,12 +281,16 @@ def run_labels(ctx: DemoContext) -> dict:
     generator = torch.Generator(device=ctx.device).manual_seed(profile.seed)
     records, scores = demo_labels.collect_labels(policy, sampler, enc, task, profile.num_labels, labeler, generator,
                                                  np.random.default_rng(profile.seed))
-    demo_labels.write_labels(paths.labels, records)
+    n_train = profile.num_labels - profile.num_heldout
+    demo_labels.write_labels(paths.labels, demo_labels.training_passes(records[:n_train], profile.rm_epochs)
+                             + records[n_train:])
     best = scores[np.arange(len(scores)), [r["best"] for r in records]]
-    results = {"records": len(records), "num_train": profile.num_train, "mean_score": float(scores.mean()),
-               "mean_best_score": float(best.mean()), "all_tied": float(np.mean(scores.max(1) == scores.min(1)))}
-    ctx.log(f"  {len(records)} labels: mean VADER score of samples {results['mean_score']:+.3f}, of the chosen "
-            f"best {results['mean_best_score']:+.3f}; all four tied (random pick) in {results['all_tied']:.0%}")
+    results = {"comparisons": len(records), "heldout": profile.num_heldout, "train_records": profile.num_train,
+               "mean_score": float(scores.mean()), "mean_best_score": float(best.mean()),
+               "all_tied": float(np.mean(scores.max(1) == scores.min(1)))}
+    ctx.log(f"  {len(records)} comparisons: mean VADER score of samples {results['mean_score']:+.3f}, of the chosen "
+            f"best {results['mean_best_score']:+.3f}; all four tied (random pick) in {results['all_tied']:.0%}; "
+            f"{n_train} x {profile.rm_epochs} training records, {profile.num_heldout} held out")
     return results
 
 
@@ -427,7 +439,9 @@ def write_report(ctx: DemoContext, markers: dict) -> dict:
     paths, profile = ctx.paths, ctx.profile
     paths.out.mkdir(parents=True, exist_ok=True)
     plots = demo_eval.plot_demo(paths.run / "train_reward_metrics.jsonl", paths.run / "train_policy_metrics.jsonl",
-                                paths.out, profile.kl_target)
+                                paths.out, profile.kl_target,
+                                epoch_steps=(profile.num_labels - profile.num_heldout) // profile.rm_batch_size,
+                                epochs=profile.rm_epochs)
     evaluation = json.loads(paths.evaluation.read_text())
     plots.append(demo_eval.plot_scores([s["score"] for s in evaluation["initial"]["samples"]],
                                        [s["score"] for s in evaluation["final"]["samples"]],

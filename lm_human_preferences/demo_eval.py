@@ -71,11 +71,29 @@ def _figure(size=(6.0, 3.6)):
     return fig
 
 
-def _draw_curve(ax, steps, values, *, title, ylabel, xlabel, hline: Optional[float] = None, hline_label=None):
-    """One training curve with an optional labelled horizontal reference line."""
-    ax.plot(steps, values, linewidth=1.4, color="tab:blue")
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing mean over the last `window` values (fewer at the start); same length as `values`."""
+    values = np.asarray(values, dtype=np.float64)
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(0, idx - window)
+    return (sums[idx] - sums[lo]) / (idx - lo)
+
+
+def _draw_curve(ax, steps, values, *, title, ylabel, xlabel, hline: Optional[float] = None, hline_label=None,
+                smooth: int = 0, vlines: Sequence[float] = (), vline_label=None):
+    """One training curve (with a trailing moving average when smooth > 1), optional reference lines."""
+    if smooth > 1:
+        ax.plot(steps, values, linewidth=0.8, color="tab:blue", alpha=0.35)
+        ax.plot(steps, moving_average(values, smooth), linewidth=1.6, color="tab:blue",
+                label=f"moving average of {smooth}")
+    else:
+        ax.plot(steps, values, linewidth=1.4, color="tab:blue")
+    for i, x in enumerate(vlines):
+        ax.axvline(x, color="0.5", linestyle=":", linewidth=1.0, label=vline_label if i == 0 else None)
     if hline is not None:
         ax.axhline(hline, color="tab:red", linestyle="--", linewidth=1.0, label=hline_label)
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
@@ -83,41 +101,52 @@ def _draw_curve(ax, steps, values, *, title, ylabel, xlabel, hline: Optional[flo
     ax.grid(True, alpha=0.3)
 
 
-def curve_specs(kl_target: Optional[float]) -> list[dict]:
-    """The four demo curves: (file, metrics file, key, title, y label, x label, reference line)."""
+def curve_specs(kl_target: Optional[float], epoch_steps: Optional[int] = None, epochs: int = 1) -> list[dict]:
+    """The four demo curves: file, metrics source, key, titles, reference lines, smoothing."""
     return [
         dict(file="score.png", source="policy", key="objective/score", ylabel="reward-model score",
-             title="PPO: reward-model score of policy samples", xlabel="PPO update"),
+             title="PPO: reward-model score of policy samples", xlabel="PPO update", smooth=5),
         dict(file="kl.png", source="policy", key="objective/kl", ylabel="KL(policy || initial), nats",
-             title="PPO: KL to the initial policy", xlabel="PPO update", hline=kl_target,
+             title="PPO: KL to the initial policy", xlabel="PPO update", hline=kl_target, smooth=5,
              hline_label=None if kl_target is None else f"adaptive-KL target {kl_target:g}"),
         dict(file="kl_coef.png", source="policy", key="objective/kl_coef", ylabel="beta",
              title="PPO: adaptive KL coefficient", xlabel="PPO update"),
         dict(file="reward_loss.png", source="reward", key="train_reward/minibatch/loss", ylabel="cross-entropy",
              title="Reward model: best-of-4 loss", xlabel="optimizer step", hline=math.log(4),
-             hline_label="chance (ln 4)"),
+             hline_label="chance (ln 4)", smooth=20,
+             vlines=[epoch_steps * i for i in range(1, epochs)] if epoch_steps else [],
+             vline_label="next pass over the labels", note_key="train_reward/heldout/accuracy",
+             note="held-out accuracy {:.0%} (chance 25%)"),
     ]
 
 
-def plot_demo(reward_metrics: Path, policy_metrics: Path, out_dir: Path, kl_target: Optional[float]) -> list[Path]:
-    """Writes score.png, kl.png, kl_coef.png, reward_loss.png and overview.png (all four) into out_dir."""
+def plot_demo(reward_metrics: Path, policy_metrics: Path, out_dir: Path, kl_target: Optional[float],
+              epoch_steps: Optional[int] = None, epochs: int = 1) -> list[Path]:
+    """Writes score.png, kl.png, kl_coef.png, reward_loss.png and overview.png (all four) into out_dir.
+
+    epoch_steps/epochs mark the reward model's passes over its labels on the loss curve."""
     rows = {"reward": read_metrics(reward_metrics), "policy": read_metrics(policy_metrics)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     overview = _figure((11.0, 7.0))
     axes = overview.subplots(2, 2).ravel()
-    for spec, ax_all in zip(curve_specs(kl_target), axes):
+    for spec, ax_all in zip(curve_specs(kl_target, epoch_steps, epochs), axes):
         steps, values = last_per_step(rows[spec["source"]], spec["key"])
         if not steps:
             raise ValueError(f"no values of {spec['key']} in the {spec['source']} metrics: the training stage did "
                              f"not log anything; rerun the demo with --restart")
-        kwargs = {k: spec.get(k) for k in ("title", "ylabel", "xlabel", "hline", "hline_label")}
+        kwargs = {k: spec[k] for k in ("title", "ylabel", "xlabel", "hline", "hline_label", "smooth", "vlines",
+                                       "vline_label") if k in spec}
+        note = last_per_step(rows[spec["source"]], spec["note_key"])[1] if "note_key" in spec else []
         fig = _figure()
-        _draw_curve(fig.add_subplot(), steps, values, **kwargs)
+        for ax in (fig.add_subplot(), ax_all):
+            _draw_curve(ax, steps, values, **kwargs)
+            if note:
+                ax.text(0.02, 0.04, spec["note"].format(note[-1]), transform=ax.transAxes, fontsize=9,
+                        bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
         fig.savefig(out_dir / spec["file"], dpi=110)
         paths.append(out_dir / spec["file"])
-        _draw_curve(ax_all, steps, values, **kwargs)
     overview.suptitle("Offline RLHF demo: VADER-labelled best-of-4 comparisons -> reward model -> PPO")
     overview.savefig(out_dir / "overview.png", dpi=100)
     paths.append(out_dir / "overview.png")

@@ -75,6 +75,14 @@ def collect_labels(policy, sampler, enc, task, n_queries: int, labeler, generato
     return records, np.concatenate(all_scores)
 
 
+def training_passes(records: list[dict], passes: int) -> list[dict]:
+    """The records repeated `passes` times (train_reward reads a label file once, so this trains for that many
+    epochs); the order does not matter because train_reward shuffles the training records."""
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    return [record for _ in range(passes) for record in records]
+
+
 def write_labels(path: Path, records: list[dict]) -> None:
     """Writes label records as the original's JSON list (atomically)."""
     atomic_write_bytes(Path(path), json.dumps(records).encode("utf-8"))

@@ -94,13 +94,15 @@ class Policy(nn.Module):
         out = self.model(tokens, padding_token=self.padding_token, lm_positions=slice(ctx_len - 1, ctx_len - 1 + T))
         result = {"values": out["value"][:, ctx_len - 1:ctx_len - 1 + T]}
         temperature = max(self.temperature, 1e-10)
-        if with_entropy and torch.is_autocast_enabled(tokens.device.type):
+        if torch.is_autocast_enabled(tokens.device.type):
             # reduced precision: the fused float32 pass (float32 runs keep the plain ops, bit for bit)
             B, _, V = out["lm_logits"].shape
             with torch.autocast(device_type=tokens.device.type, enabled=False):
                 logprobs, entropies = LogprobsEntropy.apply(out["lm_logits"].reshape(B * T, V), responses.reshape(-1),
                                                             temperature)
-            result.update(logprobs=logprobs.view(B, T), entropies=entropies.view(B, T))
+            result["logprobs"] = logprobs.view(B, T)
+            if with_entropy:
+                result["entropies"] = entropies.view(B, T)
             return result
         logits = out["lm_logits"] / temperature  # (B, T, V) float32
         result["logprobs"] = logprobs_from_logits(logits, responses)

@@ -86,6 +86,7 @@ def ppo_minibatch(ddp_policy, optimizer, mb, *, ppo_hp, lr, n_groups, micro_batc
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v * weight
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free until the next step
     if len(pieces) > 1:  # population moments of the inputs over the whole minibatch, not averaged over pieces
         values = mb["values"].float()
         totals["returns/mean"], totals["returns/var"] = adv.returns.mean(), adv.returns.var(unbiased=False)

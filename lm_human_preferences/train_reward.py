@@ -319,4 +319,5 @@ def train_step(ddp_model, reward_model, optimizer, label_type, batch, info, prec
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + float(v) * weight
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free until the next step
     return totals

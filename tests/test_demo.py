@@ -221,6 +221,88 @@ def test_profiles_build_valid_training_hparams(profile, tmp_path):
     reward.check_world_size(1)
     policy.check_world_size(1)
     assert reward.task.to_nested_dict() == policy.task.to_nested_dict()
-    assert reward.labels.num_train < p.num_labels  # some labels are held out for the accuracy
+    assert reward.labels.num_train == (p.num_labels - p.num_heldout) * p.rm_epochs
+    assert reward.labels.num_train % reward.batch_size == 0 and 0 < p.num_heldout < p.num_labels
     assert p.query_length + p.response_length <= p.pretrain.n_ctx
     assert policy.rewards.adaptive_kl is not None and reward.normalize_before and reward.normalize_after
+
+
+# ---- the stage driver: caching, corruption, interruption ----------------------------------------------------
+
+def fake_stages(monkeypatch, calls, fail_in=None):
+    """Replaces every stage by one that writes its outputs (a directory output gets one file) and records its call."""
+    def make(stage):
+        def run(ctx):
+            if stage == fail_in:
+                raise KeyboardInterrupt
+            calls.append(stage)
+            for path in ctx.paths.stage_outputs(stage):
+                target = path / "data.bin" if not path.suffix else path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(f"{stage} output".encode())
+            return {"stage": stage}
+        return run
+    monkeypatch.setattr(demo, "STAGE_FUNCTIONS", {stage: make(stage) for stage in demo.STAGES})
+    monkeypatch.setattr(demo, "check_pretrained", lambda paths: None)
+
+
+def stage_context(tmp_path, log=None):
+    paths = demo.DemoPaths(work=tmp_path / "work", out=tmp_path / "out")
+    return demo.DemoContext(profile=demo.PROFILES["fast"], paths=paths, corpus_dir=tmp_path, device=torch.device("cpu"),
+                            log=log or (lambda _: None))
+
+
+def test_run_stages_caches_resumes_and_rebuilds(tmp_path, monkeypatch):
+    calls = []
+    fake_stages(monkeypatch, calls, fail_in="policy")
+    with pytest.raises(demo.DemoInterrupted, match="policy"):
+        demo.run_stages(stage_context(tmp_path))
+    assert calls == ["corpus", "pretrain", "labels", "reward"]
+
+    calls.clear()
+    fake_stages(monkeypatch, calls)
+    markers = demo.run_stages(stage_context(tmp_path))
+    assert calls == ["policy", "evaluate"]  # the interrupted run's completed stages are reused
+    assert set(markers) == set(demo.STAGES)
+
+    calls.clear()
+    demo.run_stages(stage_context(tmp_path))
+    assert calls == []  # everything cached
+
+    (tmp_path / "work" / "pretrained" / "model.safetensors").write_bytes(b"truncated")
+    logs = []
+    demo.run_stages(stage_context(tmp_path, logs.append))
+    assert calls == ["pretrain", "labels", "reward", "policy", "evaluate"]  # a corrupt cache reruns it and later
+    assert any("corrupted" in line and "rebuilding" in line for line in logs)
+
+    calls.clear()
+    demo.run_stages(stage_context(tmp_path), restart=True)
+    assert calls == list(demo.RLHF_STAGES)  # --restart keeps the corpus and the pretrained model
+
+
+# ---- the reduced end-to-end run -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAVE_CORPUS, reason="Debian's fortunes corpus is not installed (make corpus, or "
+                                            "apt-get install fortunes)")
+@pytest.mark.skipif(not HAVE_VADER, reason="vaderSentiment is not installed (pip install vaderSentiment)")
+def test_fast_demo_raises_the_labelers_score_with_bounded_kl(tmp_path):
+    """`launch.py demo --fast` end to end in a subprocess: the labeler's mean score of policy samples on held-out
+    queries rises by far more than the seed noise the run measures itself (the initial policy sampled with a second
+    seed, and the standard error of the difference), with the KL to the initial policy bounded."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "launch.py"), "demo", "--fast", "--cache_dir", str(cache), "--out", str(out),
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    ev = summary["evaluation"]
+    noise = max(abs(ev["seed_difference"]), ev["score_rise_stderr"])
+    assert ev["score_rise"] > 0.05 and ev["score_rise"] > 4 * noise, ev
+    assert 0 < ev["final"]["kl"] < 3 * summary["settings"]["kl_target"], ev
+    assert summary["reward_model"]["heldout_accuracy"] > summary["reward_model"]["chance_accuracy"]
+    for name in ("score.png", "kl.png", "kl_coef.png", "reward_loss.png"):
+        assert (out / name).stat().st_size > 1000
+    assert len(summary["samples"]["initial"]) == len(summary["samples"]["final"]) == ev["num_queries"]
+    # a second run reuses every stage
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 0 and again.stdout.count(": cached (") == len(demo.STAGES), again.stdout[-2000:]

@@ -11,11 +11,21 @@ from lm_human_preferences.utils.core import logprobs_from_logits, take_top_k_log
 
 
 def sample_from_logits(logits, generator=None, greedy=False):
-    """Draws one token per row of float32 logits (B, V); greedy takes the argmax (used to replay the reference)."""
+    """Draws one token per row of float32 logits (B, V) from softmax(logits); greedy takes the argmax (used to
+    replay the reference).
+
+    Inverse-CDF sampling: one uniform number per row against the float64 running sum of the probabilities, where
+    torch.multinomial draws V exponential numbers per row (about 30x slower for GPT-2's 50,257 tokens on a CPU,
+    a tenth of a sampling step). Tokens of probability 0 (masked by top-k/top-p) are never drawn.
+    """
     if greedy:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    cdf = torch.softmax(logits, dim=-1).double().cumsum_(dim=-1)  # (B, V)
+    total = cdf[:, -1:].contiguous()
+    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device, dtype=torch.float64) * total
+    token = torch.searchsorted(cdf, u, right=True)  # the first index whose cdf exceeds u: a token of mass > 0
+    last_positive = torch.searchsorted(cdf, total)  # guards u == total after rounding
+    return torch.minimum(token, last_positive).squeeze(1)
 
 
 @torch.no_grad()
