@@ -99,7 +99,7 @@ PROFILES = {
                         num_labels=3072, num_heldout=256, ppo_episodes=2560),
     "fast": DemoProfile(name="fast", pretrain=PretrainConfig(n_layer=4, n_embd=64, n_head=4, n_ctx=64, batch_size=16,
                                                               steps=400, lr=3e-3, warmup=40),
-                        num_eval=256),
+                        ppo_episodes=1280, num_eval=256),
 }
 
 
