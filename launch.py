@@ -162,6 +162,11 @@ def run_training(command: str, argv: Sequence[str]) -> int:
     if args.dry_run:
         print(f'{command} {args.experiment} {args.name}: dry run, resolved hyperparameters:')
         hparams.dump()
+        from lm_human_preferences.utils import dist
+        device = dist.resolve_device(hparams.run.device)
+        choice = dist.choose_precision(hparams.run.precision, device)
+        print(f'on this machine: run.device {hparams.run.device} -> {device}, run.precision '
+              f'{hparams.run.precision} -> {choice.precision} ({choice.reason})')
         return 0
     if command == 'train_reward':
         from lm_human_preferences import train_reward as trainer

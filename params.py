@@ -162,6 +162,7 @@ TRAIN_REWARD_EXPERIMENTS: Dict[str, Binds] = {
         'run.log_interval': 1,
         'run.save_interval': 1,
         'run.wandb': 'disabled',
+        'run.precision': 'fp32',  # the reference experiment: float32 numerics on every machine
     }),
 }
 
@@ -216,6 +217,7 @@ TRAIN_POLICY_EXPERIMENTS: Dict[str, Binds] = {
         'run.log_interval': 1,
         'run.save_interval': 1,
         'run.wandb': 'disabled',
+        'run.precision': 'fp32',  # the reference experiment: float32 numerics on every machine
     }),
 }
 

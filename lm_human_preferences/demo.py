@@ -176,6 +176,12 @@ def task_binds(profile: DemoProfile, paths: DemoPaths) -> dict:
     }
 
 
+def demo_precision(device: str) -> str:
+    """The RLHF stages' run.precision: fp32 on a CPU, where the demo model's time goes to the float32 LM head (bf16
+    autocast would only touch the small trunk and add casts), 'auto' on a GPU."""
+    return "fp32" if device == "cpu" else "auto"
+
+
 def reward_hparams(profile: DemoProfile, paths: DemoPaths, device: str) -> TrainRewardHParams:
     """train_reward settings: the original's best_of_4 reward experiment, scaled to the demo."""
     hp = TrainRewardHParams()
@@ -195,6 +201,7 @@ def reward_hparams(profile: DemoProfile, paths: DemoPaths, device: str) -> Train
         "run.save_dir": str(paths.run),
         "run.device": device,
         "run.wandb": "disabled",
+        "run.precision": demo_precision(device),
     })
     hp.validate()
     return hp
@@ -222,6 +229,7 @@ def policy_hparams(profile: DemoProfile, paths: DemoPaths, device: str) -> Train
         "run.save_dir": str(paths.run),
         "run.device": device,
         "run.wandb": "disabled",
+        "run.precision": demo_precision(device),
     })
     hp.validate()
     return hp

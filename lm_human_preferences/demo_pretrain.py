@@ -4,7 +4,8 @@ The model is the project's own `GPT2` (GPT-2 BPE vocabulary of 50,257 tokens, ti
 the original's initialisers. Training draws random windows of `n_ctx + 1` tokens from the pretraining documents
 joined by the end-of-text token and minimises next-token cross-entropy with AdamW, a linear warmup and a cosine
 decay. With a 50,257-way softmax and a model this small the output layer dominates the cost, so the logits are
-computed under bf16 autocast where the run asks for it (on a 2-core CPU that is the faster setting, measured).
+computed under bf16 autocast where the processor runs bfloat16 natively (2-4x faster there, measured), in float32
+elsewhere (`precision` 'auto', resolved by utils/precision.py; about 100x faster than emulated bfloat16).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from lm_human_preferences.language.datasets import TokenFile
 from lm_human_preferences.language.encodings import MAIN_EOT_TOKEN, MAIN_N_VOCAB
 from lm_human_preferences.language.model import GPT2, GPT2Config
 from lm_human_preferences.language.trained_models import save_model_dir
+from lm_human_preferences.utils.precision import choose_precision
 
 
 @dataclass
@@ -36,7 +38,7 @@ class PretrainConfig:
     warmup: int = 30  # linear warmup steps
     weight_decay: float = 0.01  # AdamW weight decay (matrices only)
     seed: int = 0
-    precision: str = "bf16"  # 'bf16' autocast or 'fp32'
+    precision: str = "auto"  # 'auto' (bf16 only where the CPU/GPU runs it natively and faster), 'bf16' or 'fp32'
 
     def model_config(self) -> GPT2Config:
         return GPT2Config(n_vocab=MAIN_N_VOCAB, n_ctx=self.n_ctx, n_embd=self.n_embd, n_head=self.n_head,
@@ -64,11 +66,17 @@ def sample_windows(stream: np.ndarray, batch_size: int, length: int, rng: np.ran
 
 
 def lm_loss(model: GPT2, windows: torch.Tensor, precision: str) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of windows (B, n+1): inputs [:, :-1], targets [:, 1:]."""
+    """Mean next-token cross-entropy (nats) of windows (B, n+1): inputs [:, :-1], targets [:, 1:].
+
+    bf16: the logits come from a bf16 matmul under autocast (the fast setting where the CPU has native bfloat16);
+    fp32: from the model's own float32 LM head (its forward on the fastest kernel, language/kernels.py)."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
-    with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        h = model(inputs)["h"]  # (B, n, C)
-        logits = F.linear(h, model.wte.weight)  # (B, n, V), tied embeddings
+    if precision == "bf16":
+        with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16):
+            h = model(inputs)["h"]  # (B, n, C)
+            logits = F.linear(h, model.wte.weight)  # (B, n, V), tied embeddings
+    else:
+        logits = model(inputs, lm_positions="all")["lm_logits"]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
@@ -89,11 +97,12 @@ def make_optimizer(model: GPT2, config: PretrainConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def evaluate_loss(model: GPT2, stream: np.ndarray, config: PretrainConfig, device, n_windows: int = 64) -> float:
+def evaluate_loss(model: GPT2, stream: np.ndarray, config: PretrainConfig, device, precision: str,
+                  n_windows: int = 64) -> float:
     """Mean cross-entropy on `n_windows` fixed windows of a held-out stream."""
     rng = np.random.default_rng(config.seed + 1)
     windows = sample_windows(stream, n_windows, config.n_ctx + 1, rng).to(device)
-    return float(sum(lm_loss(model, windows[i:i + config.batch_size], config.precision) *
+    return float(sum(lm_loss(model, windows[i:i + config.batch_size], precision) *
                      len(windows[i:i + config.batch_size]) for i in range(0, n_windows, config.batch_size)) / n_windows)
 
 
@@ -103,6 +112,8 @@ def pretrain(config: PretrainConfig, train_file: TokenFile, heldout_file: TokenF
 
     Returns {'losses': [(step, train loss)], 'heldout_loss', 'tokens', 'tokens_per_second'}.
     """
+    choice = choose_precision(config.precision, torch.device(device))
+    precision = choice.precision
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = GPT2(config.model_config()).to(device)
@@ -111,7 +122,7 @@ def pretrain(config: PretrainConfig, train_file: TokenFile, heldout_file: TokenF
     stream = token_stream(train_file)
     log(f"pretraining a {config.n_layer}-layer, {config.n_embd}-wide GPT-2 ({model.num_params() / 1e6:.1f}M "
         f"parameters) for {config.steps} steps of {config.batch_size} x {config.n_ctx} tokens on "
-        f"{stream.size:,} tokens ({config.precision})")
+        f"{stream.size:,} tokens ({precision}: {choice.reason})")
     losses = []
     start = time.time()
     smoothed: Optional[float] = None
@@ -119,7 +130,7 @@ def pretrain(config: PretrainConfig, train_file: TokenFile, heldout_file: TokenF
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         loss = lm_loss(model, sample_windows(stream, config.batch_size, config.n_ctx + 1, rng).to(device),
-                       config.precision)
+                       precision)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
@@ -135,9 +146,9 @@ def pretrain(config: PretrainConfig, train_file: TokenFile, heldout_file: TokenF
                 f"({(step + 1) * config.batch_size * config.n_ctx / elapsed:,.0f} tokens/s)")
     elapsed = time.time() - start
     model.eval()
-    heldout = evaluate_loss(model, token_stream(heldout_file), config, device)
+    heldout = evaluate_loss(model, token_stream(heldout_file), config, device, precision)
     log(f"  held-out loss {heldout:.3f} nats/token (uniform over the vocabulary: {math.log(MAIN_N_VOCAB):.2f})")
     save_model_dir(out_dir, model.config, model.state_dict())
     tokens = config.steps * config.batch_size * config.n_ctx
-    return {"config": asdict(config), "losses": losses, "heldout_loss": heldout, "tokens": tokens,
+    return {"config": asdict(config), "precision": precision, "precision_reason": choice.reason, "losses": losses, "heldout_loss": heldout, "tokens": tokens,
             "tokens_per_second": tokens / elapsed, "seconds": elapsed}

@@ -30,6 +30,7 @@ from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import load_reward_model
 from lm_human_preferences import train_reward
 from lm_human_preferences.utils import ckpt, dist
+from lm_human_preferences.utils.hyperparams import with_resolved
 from lm_human_preferences.utils.logging import Logger, format_stats
 from lm_human_preferences.utils.optim import TFAdam
 
@@ -358,9 +359,10 @@ class SignalFlag:
         return False
 
 
-def write_policy_metadata(save_dir: Path, hp, policy, enc_name):
+def write_policy_metadata(save_dir: Path, hp, policy, enc_name, device: torch.device):
     """train_policy_hparams.json and policy/{hparams.json, encoding}: what `sample` needs besides a checkpoint."""
-    ckpt.atomic_write_json(save_dir / "train_policy_hparams.json", hp.to_nested_dict())
+    ckpt.atomic_write_json(save_dir / "train_policy_hparams.json",
+                           with_resolved(hp.to_nested_dict(), dist.resolved_run_settings(hp.run.precision, device)))
     ckpt.atomic_write_json(save_dir / POLICY_DIR / "hparams.json", policy.model.config.to_dict())
     ckpt.atomic_write_json(save_dir / POLICY_DIR / "encoding", enc_name)
 
@@ -477,7 +479,7 @@ def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
             ckpt.remove_stale_tmp(ckpt_root)
             ckpt.truncate_metrics(save_dir / "train_policy_metrics.jsonl", trainer.global_step)
             write_policy_metadata(save_dir, hp, trainer.policy,
-                                  train_reward.encoding_name(hp.task.policy.initial_model))
+                                  train_reward.encoding_name(hp.task.policy.initial_model), info.device)
     logger = Logger(is_main=info.is_main, save_dir=save_dir, name="train_policy", config=hp.to_nested_dict(),
                     wandb_setting=hp.run.wandb, wandb_project=hp.run.wandb_project,
                     run_name=save_dir.name if save_dir else None, wandb_id=wandb_id)

@@ -25,6 +25,7 @@ from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel
 from lm_human_preferences.utils import ckpt, dist
 from lm_human_preferences.utils.ckpt import atomic_save_tensors, atomic_write_json
+from lm_human_preferences.utils.hyperparams import with_resolved
 from lm_human_preferences.utils.logging import Logger, format_stats
 from lm_human_preferences.utils.optim import TFAdam
 
@@ -132,7 +133,8 @@ def evaluate_heldout(reward_model, label_type, heldout, info, precision, micro_b
     return out
 
 
-def save_reward_model(save_dir: Path, reward_model: RewardModel, hp, enc_name: str):
+def save_reward_model(save_dir: Path, reward_model: RewardModel, hp, enc_name: str,
+                      device: torch.device = torch.device("cpu")):
     """Writes train_reward_hparams.json, then <save_dir>/reward_model/{model.safetensors, hparams.json, encoding}
     assembled as reward_model.tmp/ and renamed, so a reward_model/ directory is always complete."""
     out = save_dir / REWARD_DIR
@@ -142,7 +144,8 @@ def save_reward_model(save_dir: Path, reward_model: RewardModel, hp, enc_name: s
     sd = dict(reward_model.model.state_dict())
     sd["reward_norm.gain"] = reward_model.gain.detach()
     sd["reward_norm.bias"] = reward_model.bias.detach()
-    atomic_write_json(save_dir / "train_reward_hparams.json", hp.to_nested_dict())
+    atomic_write_json(save_dir / "train_reward_hparams.json",
+                      with_resolved(hp.to_nested_dict(), dist.resolved_run_settings(hp.run.precision, device)))
     atomic_save_tensors(tmp / "model.safetensors", sd)
     atomic_write_json(tmp / "hparams.json", reward_model.model.config.to_dict())
     atomic_write_json(tmp / "encoding", enc_name)
@@ -293,7 +296,7 @@ def run(setup: RewardSetup):
         elapsed = time.time() - t0
         logger.log({"train_reward/elapsed/time": elapsed}, len(steps))
         if info.is_main and save_dir is not None:
-            save_reward_model(save_dir, reward_model, hp, encoding_name(task.policy.initial_model))
+            save_reward_model(save_dir, reward_model, hp, encoding_name(task.policy.initial_model), info.device)
             print(f"saved reward model to {save_dir / REWARD_DIR} ({elapsed:.1f}s)")
         dist.barrier()
     finally:

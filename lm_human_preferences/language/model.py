@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lm_human_preferences.language.kernels import linear_nt
+
 MASK_VALUE = -1e10  # the original's additive mask: w*b - 1e10*(1-b)
 
 
@@ -184,13 +186,8 @@ def head_init_std(name: str, n_embd: int) -> float:
 
 
 def lm_logits(h, weight):
-    """h W^T in float32 for h (..., C) and the embedding matrix W (V, C): (..., V), contiguous.
-
-    It is computed as (W h^T)^T: on CPU that matmul runs about 1.5x faster than F.linear, both for the
-    teacher-forced passes' shapes (where it gives the same bits as F.linear) and for a sampling step's few rows.
-    """
-    h2d = h.reshape(-1, h.shape[-1])
-    return torch.mm(weight, h2d.t()).t().contiguous().view(*h.shape[:-1], weight.shape[0])
+    """h W^T in float32 for h (..., C) and the embedding matrix W (V, C): (..., V), contiguous (kernels.linear_nt)."""
+    return linear_nt(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], weight.shape[0])
 
 
 class TiedGrad:
@@ -214,7 +211,8 @@ class TiedLMHead(torch.autograd.Function):
     def forward(ctx, h, weight, tied: TiedGrad):  # h (..., C), weight (V, C), both float32
         ctx.save_for_backward(h, weight)
         ctx.tied = tied
-        return lm_logits(h, weight)
+        with torch.no_grad():
+            return lm_logits(h, weight)
 
     @staticmethod
     def backward(ctx, grad):  # grad (..., V)

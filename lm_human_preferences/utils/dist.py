@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lm_human_preferences.utils.precision import choose_precision
+
 
 @dataclass
 class DistInfo:
@@ -133,12 +135,14 @@ def cleanup():
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 on CUDA and fp32 on CPU."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown run.precision {precision!r}; use auto, fp32 or bf16")
-    return precision
+    """'fp32' or 'bf16' for run.precision on `device` ('auto' by what the hardware does well; utils/precision.py)."""
+    return choose_precision(precision, device).precision
+
+
+def resolved_run_settings(precision: str, device: torch.device) -> dict:
+    """What run.device and run.precision became on this machine and why, for the saved hyperparameters."""
+    choice = choose_precision(precision, device)
+    return {"run.device": str(device), "run.precision": choice.precision, "run.precision_reason": choice.reason}
 
 
 def autocast(device: torch.device, precision: str):

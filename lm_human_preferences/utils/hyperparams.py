@@ -35,6 +35,14 @@ _NONE_STRINGS = ('None', 'none', '')
 _LEAF_TYPES = (int, float, bool, str)
 
 
+RESOLVED_KEY = 'resolved'  # the entry of a saved hyperparameter file that records run-time resolutions
+
+
+def with_resolved(nested: dict, resolved: Mapping[str, Any]) -> dict:
+    """A saved hyperparameter file: the settings plus a RESOLVED_KEY record of what 'auto' values became and why."""
+    return {**nested, RESOLVED_KEY: dict(resolved)}
+
+
 class HParamsError(ValueError):
     """A hyperparameter key or value given by the user is invalid."""
 
@@ -97,9 +105,12 @@ class HParams:
 
     @classmethod
     def from_nested_dict(cls, nested: Mapping[str, Any]):
-        """Builds an instance from defaults overridden by a nested dict (see :meth:`override_from_nested_dict`)."""
+        """Builds an instance from defaults overridden by a nested dict (see :meth:`override_from_nested_dict`).
+
+        A top-level RESOLVED_KEY entry (what a trainer resolved at run time, e.g. `run.precision auto`; see
+        `with_resolved`) is a record, not a setting, and is ignored."""
         hparams = cls()
-        hparams.override_from_nested_dict(nested)
+        hparams.override_from_nested_dict({k: v for k, v in nested.items() if k != RESOLVED_KEY})
         return hparams
 
     def _apply(self, parsed: Mapping[str, Any], typemap: Mapping[str, Any]) -> None:
