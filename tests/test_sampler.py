@@ -41,3 +41,24 @@ def test_generator_makes_draws_reproducible_and_greedy_is_argmax():
     b = sample_from_logits(logits, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.dtype == torch.long and a.shape == (16,)
     assert torch.equal(sample_from_logits(logits, greedy=True), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [1024, 3000, 50257])
+def test_two_level_draws_across_blocks(vocab):
+    """Vocabularies spanning several blocks (and a partial last block): the draws follow softmax per block of
+    tokens, masked tokens are never drawn, and the mass in the partial last block is reachable."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    logits = torch.full((vocab,), -1e10)
+    chosen = torch.tensor([0, vocab // 3, vocab // 2 + 1, vocab - 1])  # first, middle blocks, the last token
+    logits[chosen] = torch.tensor([0.0, 1.0, -0.5, 0.5])
+    n = 40_000
+    draws = sample_from_logits(logits.repeat(n, 1), generator=g)
+    assert torch.isin(draws, chosen).all()
+    counts = torch.stack([(draws == c).sum() for c in chosen]).double().numpy()
+    expected = torch.softmax(logits[chosen], dim=0).double().numpy() * n
+    assert ((counts - expected) ** 2 / expected).sum() < 16.3  # chi-square, 3 dof, 99.9%
+    # top-k masking over a full-size row never draws outside the top k
+    wide = take_top_k_logits(torch.randn(200, vocab) * 3, 5)
+    d = sample_from_logits(wide, generator=g)
+    assert (wide[torch.arange(200), d] > -1e9).all()
