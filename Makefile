@@ -1,20 +1,31 @@
 # One-command set-up for a fresh machine: a virtualenv in .venv with the CPU build of torch and the project.
 # GPU users: install a CUDA build of torch into the venv first (see README), then `make setup`.
+# `make demo` installs only what the demo needs (the project and its `demo` extra, VADER); `make test` adds the
+# `test` extra (the offline references: transformers, tensorflow-cpu, ...).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup corpus demo test bench clean-venv
+.PHONY: setup setup-demo corpus demo test bench clean-venv
 
-$(VENV)/.installed: pyproject.toml requirements.txt
+$(VENV)/.base: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed-demo: $(VENV)/.base
+	$(PY) -m pip install --quiet -e ".[demo]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
+
+setup-demo: $(VENV)/.installed-demo
 
 # The demo's corpus: Debian's fortunes (real English prose, installed offline from Debian's packages).
 corpus:
@@ -27,12 +38,12 @@ corpus:
 	fi
 
 # The main job: an offline RLHF experiment end to end on the CPU (see README "Quick start").
-demo: setup corpus
+demo: setup-demo corpus
 	$(PY) launch.py demo
 
 # The test suite (offline, CPU).
 test: setup corpus
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: setup
 	$(PY) benchmarks/ppo_iteration.py

@@ -95,7 +95,7 @@ class DemoProfile:
 # one pretrained for 200 steps (7.12) stayed at chance. Width is what costs (the 50,257-way output layer).
 PROFILES = {
     "full": DemoProfile(name="full", pretrain=PretrainConfig(n_layer=4, n_embd=64, n_head=4, n_ctx=64, batch_size=16,
-                                                              steps=1000, lr=3e-3, warmup=50),
+                                                              steps=500, lr=3e-3, warmup=50),
                         num_labels=3072, num_heldout=256, ppo_episodes=2560),
     "fast": DemoProfile(name="fast", pretrain=PretrainConfig(n_layer=4, n_embd=64, n_head=4, n_ctx=64, batch_size=16,
                                                               steps=400, lr=3e-3, warmup=40),
