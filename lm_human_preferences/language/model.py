@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lm_human_preferences.language.kernels import linear_nt
+from lm_human_preferences.language.kernels import linear, linear_nt
 
 MASK_VALUE = -1e10  # the original's additive mask: w*b - 1e10*(1-b)
 
@@ -110,14 +110,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_bias, cache: KVCache | None, layer: int):
         B, s, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = linear(x, self.c_attn).split(C, dim=2)
         q = q.view(B, s, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, s, hs)
         k = k.view(B, s, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, s, self.n_head, C // self.n_head).transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nh, S, hs), S = cached + s
         y = attention(q, k, v, attn_bias).transpose(1, 2).reshape(B, s, C)
-        return self.c_proj(y)
+        return linear(y, self.c_proj)
 
 
 def attention(q, k, v, attn_bias):
@@ -144,7 +144,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return linear(F.gelu(linear(x, self.c_fc), approximate="tanh"), self.c_proj)
 
 
 class Block(nn.Module):

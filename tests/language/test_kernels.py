@@ -35,3 +35,33 @@ def test_the_onednn_path_can_be_turned_off(monkeypatch):
     finally:
         monkeypatch.delenv("LMHP_HEAD_GEMM")
         kernels.onednn_linear.cache_clear()
+
+
+def test_large_linears_run_on_onednn_without_grad_and_on_the_layer_with_it(monkeypatch):
+    if kernels.onednn_linear() is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    calls = []
+    real = kernels.onednn_linear()
+
+    def counting(*args):
+        calls.append(args[1].shape)
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "onednn_linear", lambda: counting)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(512, kernels.ONEDNN_MIN_WEIGHT // 512)  # exactly the threshold
+    x = torch.randn(2, 3, 512)
+    with torch.no_grad():
+        out = kernels.linear(x, layer)
+        expected = layer(x)
+    assert calls == [layer.weight.shape] and out.shape == (2, 3, layer.out_features)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    small = torch.nn.Linear(64, 256)
+    with torch.no_grad():
+        kernels.linear(torch.randn(4, 64), small)
+    assert len(calls) == 1  # small weights stay on the layer
+    out = kernels.linear(x, layer)  # grad enabled, the weight requires grad: the layer itself
+    assert len(calls) == 1 and out.requires_grad
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels.linear(x, layer)
+    assert len(calls) == 1  # autocast keeps its own casts
