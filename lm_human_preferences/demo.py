@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Debian's fortunes, label best-of-4 samples with VADER sentiment, train a reward model, run PPO, and "
         "evaluate. Completed stages are cached; rerunning resumes.")
     parser.add_argument("--fast", action="store_true",
-                        help="the reduced version the tests run (about 3 minutes on 2 cores)")
+                        help="the reduced version the tests run (3 to 5 minutes on 2 cores, by CPU)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"where plots and summary.json go (default: {DEFAULT_OUT.relative_to(REPO_ROOT)}, or "
                              f"<cache_dir>/fast/report with --fast)")

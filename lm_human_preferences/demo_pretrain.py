@@ -150,5 +150,5 @@ def pretrain(config: PretrainConfig, train_file: TokenFile, heldout_file: TokenF
     log(f"  held-out loss {heldout:.3f} nats/token (uniform over the vocabulary: {math.log(MAIN_N_VOCAB):.2f})")
     save_model_dir(out_dir, model.config, model.state_dict())
     tokens = config.steps * config.batch_size * config.n_ctx
-    return {"config": asdict(config), "precision": precision, "precision_reason": choice.reason, "losses": losses, "heldout_loss": heldout, "tokens": tokens,
-            "tokens_per_second": tokens / elapsed, "seconds": elapsed}
+    return {"config": asdict(config), "precision": precision, "precision_reason": choice.reason, "losses": losses,
+            "heldout_loss": heldout, "tokens": tokens, "tokens_per_second": tokens / elapsed, "seconds": elapsed}

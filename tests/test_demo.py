@@ -1,6 +1,6 @@
 """The offline demo (`python launch.py demo`): its pieces, and the reduced end-to-end run that must learn.
 
-The end-to-end test runs `launch.py demo --fast` in a subprocess (about 3 minutes on 2 CPU cores) and checks that
+The end-to-end test runs `launch.py demo --fast` in a subprocess (3-6 minutes on 2 CPU cores) and checks that
 the labeler's score of policy samples on held-out queries rises by more than four times the seed noise the run
 measures itself (the initial policy re-sampled with a second seed, and the standard error of the rise), while the KL
 to the initial policy stays bounded.
