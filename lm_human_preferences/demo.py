@@ -92,11 +92,15 @@ class DemoProfile:
 
 # The reward model generalizes from few comparisons only on top of a reasonably trained trunk: on the same labels a
 # 4-layer, 64-wide model pretrained for 400 steps (held-out loss 6.79) reached 33-40% held-out best-of-4 accuracy,
-# one pretrained for 200 steps (7.12) stayed at chance. Width is what costs (the 50,257-way output layer).
+# one pretrained for 200 steps (7.12) stayed at chance. Width is what costs (the 50,257-way output layer). The
+# pretraining runs at the CPU's float32 matrix rate where bf16 is not native (0.45 s a step on a 2-core AVX2 EPYC),
+# so both profiles pretrain 400 steps: 500 steps (loss 6.65) made the full run 8.4-9 min there, too close to its
+# 10-minute budget with the set-up. Halving the fast run's pretraining tokens (8 x 64 windows, loss 6.96) together
+# with its labels (1,024) and episodes (960) lost the learning (VADER rise -0.004, reward model 32%).
 PROFILES = {
     "full": DemoProfile(name="full", pretrain=PretrainConfig(n_layer=4, n_embd=64, n_head=4, n_ctx=64, batch_size=16,
-                                                              steps=500, lr=3e-3, warmup=50),
-                        num_labels=3072, num_heldout=256, ppo_episodes=2560),
+                                                              steps=400, lr=3e-3, warmup=40),
+                        num_labels=3072, num_heldout=256, ppo_episodes=2048),
     "fast": DemoProfile(name="fast", pretrain=PretrainConfig(n_layer=4, n_embd=64, n_head=4, n_ctx=64, batch_size=16,
                                                               steps=400, lr=3e-3, warmup=40),
                         ppo_episodes=1280, num_eval=256),
