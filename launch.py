@@ -163,10 +163,9 @@ def run_training(command: str, argv: Sequence[str]) -> int:
         print(f'{command} {args.experiment} {args.name}: dry run, resolved hyperparameters:')
         hparams.dump()
         from lm_human_preferences.utils import dist
-        device = dist.resolve_device(hparams.run.device)
-        choice = dist.choose_precision(hparams.run.precision, device)
-        print(f'on this machine: run.device {hparams.run.device} -> {device}, run.precision '
-              f'{hparams.run.precision} -> {choice.precision} ({choice.reason})')
+        resolved = dist.resolved_run_settings(hparams.run.precision, dist.resolve_device(hparams.run.device))
+        print(f'on this machine: run.device {hparams.run.device} -> {resolved["run.device"]}, run.precision '
+              f'{hparams.run.precision} -> {resolved["run.precision"]} ({resolved["run.precision_reason"]})')
         return 0
     if command == 'train_reward':
         from lm_human_preferences import train_reward as trainer

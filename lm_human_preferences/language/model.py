@@ -211,8 +211,7 @@ class TiedLMHead(torch.autograd.Function):
     def forward(ctx, h, weight, tied: TiedGrad):  # h (..., C), weight (V, C), both float32
         ctx.save_for_backward(h, weight)
         ctx.tied = tied
-        with torch.no_grad():
-            return lm_logits(h, weight)
+        return lm_logits(h, weight)  # autograd is off inside forward, so this takes kernels.linear_nt's fast path
 
     @staticmethod
     def backward(ctx, grad):  # grad (..., V)

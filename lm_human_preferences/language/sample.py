@@ -18,9 +18,9 @@ def sample_from_logits(logits, generator=None, greedy=False, probs=None):
     replay the reference). `probs`, softmax(logits), is computed when not given.
 
     Two-level inverse-CDF sampling: one uniform number per row picks a block of BLOCK tokens from the float64
-    running sum of the blocks' probability masses (each summed in float32), then a token from the float64 running sum inside that block.
-    It reads the probabilities once and sums in float64 only BLOCK of them per row, where a whole-row float64
-    cumsum makes a float64 copy of the probabilities and writes another, and torch.multinomial
+    running sum of the blocks' probability masses (each summed in float32), then a token from the float64 running
+    sum inside that block. It reads the probabilities once and sums in float64 only BLOCK of them per row, where a
+    whole-row float64 cumsum makes a float64 copy of the probabilities and writes another, and torch.multinomial
     draws V exponential numbers per row (about 30x slower). Tokens of probability 0 (masked by top-k/top-p) are
     never drawn.
     """
