@@ -21,7 +21,7 @@ run, so that a machine shared with other work slows all of them alike. MFU is mo
 only, 2 per multiply-add; the same FLOP count for ours and the baselines) over the best rate of a square matmul
 of --matmul-size measured here in the same precision. Our peak memory is measured per phase in a child process
 that holds only our models (peak RSS, VmHWM reset per phase, on CPU; torch's max allocated bytes on CUDA). Under
-bf16 the frozen reference policy and reward model keep their Linear layers in bf16 (GPT2.store_linears_in: the
+bf16 the frozen reference policy and reward model keep their Linear layers in bf16 (fused.store_linears_in: the
 same outputs under autocast, half their memory). On CUDA the script also times the real sentiment configuration
 (per-rank batch = ppo.batch_size on one GPU) and projects the wall time of its 1M episodes.
 
@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))  # runs from a fresh clone without installing the 
 
 import params as experiments  # noqa: E402
 from lm_human_preferences import ppo  # noqa: E402
+from lm_human_preferences.language.fused import store_linears_in  # noqa: E402
 from lm_human_preferences.language.model import GPT2, GPT2Config  # noqa: E402
 from lm_human_preferences.lm_tasks import penalized_scores, postprocess_responses, responses_valid  # noqa: E402
 from lm_human_preferences.policy import Policy  # noqa: E402
@@ -136,7 +137,7 @@ def build_ours(s: Setting, seed: int, device, precision: str):
                                padding_token=s.padding_token).eval().requires_grad_(False)
     if precision == "bf16":
         for frozen in (ref_policy.model, reward_model.model):
-            frozen.store_linears_in(torch.bfloat16)
+            store_linears_in(frozen, torch.bfloat16)
     optimizer = TFAdam(policy.parameters(), lr=s.ppo_hp.lr, eps=1e-5)
     return dict(policy=policy, ref_policy=ref_policy, reward_model=reward_model, optimizer=optimizer)
 

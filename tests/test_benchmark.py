@@ -61,113 +61,11 @@ def test_benchmark_rejects_bad_arguments(tmp_path):
     assert proc.returncode != 0 and "--repeats" in proc.stderr
 
 
-# ---- the performance paths the benchmark measures compute the same numbers --------------------------------
-
-import copy  # noqa: E402
+# ---- the chunked TF Adam update computes the unchunked one ----------------------------------------------------
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from lm_human_preferences.language.model import GPT2, GPT2Config, attention  # noqa: E402
-from lm_human_preferences.policy import LogprobsEntropy  # noqa: E402
 from lm_human_preferences.utils import optim  # noqa: E402
-from lm_human_preferences.utils.core import entropy_from_logits, logprobs_from_logits  # noqa: E402
-
-PAD = 303
-
-
-def small_model(heads=("value",), seed=0):
-    torch.manual_seed(seed)
-    model = GPT2(GPT2Config(n_vocab=301, n_ctx=40, n_embd=48, n_head=4, n_layer=2), list(heads))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def padded_tokens(seed=1):
-    torch.manual_seed(seed)
-    tokens = torch.randint(0, 30, (4, 30))  # few distinct ids: the embedding gradient sums repeated rows
-    tokens[0, 5:9] = PAD
-    tokens[2, 3] = PAD
-    return tokens
-
-
-def test_tied_lm_head_and_embedding_keep_autograds_bits():
-    """A float32 training pass through TiedLMHead/TiedEmbedding gives the gradients of plain autograd, bit for bit."""
-    tokens = padded_tokens()
-    grads = []
-    for tied in (True, False):
-        model = small_model()
-        if tied:
-            out = model(tokens, padding_token=PAD, lm_positions=slice(19, 29))
-            logits = out["lm_logits"]
-        else:  # no LM head inside the model: F.linear and F.embedding, differentiated by autograd
-            out = model(tokens, padding_token=PAD)
-            logits = F.linear(out["h"][:, 19:29], model.wte.weight)
-        loss = logprobs_from_logits(logits / 0.7, tokens[:, 20:30]).mean() + out["value"].square().mean()
-        loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    for name in grads[0]:
-        assert torch.equal(grads[0][name], grads[1][name]), name
-
-
-def test_fused_logprobs_entropy_match_the_plain_ops():
-    torch.manual_seed(0)
-    logits = (3 * torch.randn(70, 500, dtype=torch.float64)).requires_grad_()
-    labels = torch.randint(0, 500, (70,))
-    w_lp, w_ent = torch.randn(70, dtype=torch.float64), torch.randn(70, dtype=torch.float64)
-    lp, ent = LogprobsEntropy.apply(logits, labels, 0.7)
-    (lp * w_lp + ent * w_ent).sum().backward()
-    fused_grad, logits.grad = logits.grad, None
-    scaled = logits / 0.7
-    lp2, ent2 = logprobs_from_logits(scaled, labels), entropy_from_logits(scaled)
-    (lp2 * w_lp + ent2 * w_ent).sum().backward()
-    torch.testing.assert_close(lp, lp2, rtol=0, atol=1e-12)
-    torch.testing.assert_close(ent, ent2, rtol=0, atol=1e-12)
-    torch.testing.assert_close(fused_grad, logits.grad, rtol=0, atol=1e-12)
-
-
-def test_bf16_policy_pass_stays_close_to_float32():
-    """Under bf16 autocast the policy pass (fp32 attention on CPU, fused logprobs) stays near the float32 one."""
-    from lm_human_preferences.policy import Policy
-    policy = Policy(small_model(), temperature=0.7, padding_token=PAD)
-    tokens = padded_tokens()
-    queries, responses = tokens[:, :20], tokens[:, 20:]
-    ref = policy(queries, responses)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = policy(queries, responses)
-    for key in ("logprobs", "entropies", "values"):
-        assert out[key].dtype == torch.float32
-        torch.testing.assert_close(out[key], ref[key], rtol=0, atol=0.05, msg=key)
-    (out["logprobs"].mean() + out["entropies"].mean()).backward()
-    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
-
-
-def test_cpu_bf16_attention_is_float32_attention_of_the_rounded_inputs():
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 5, 8).bfloat16() for _ in range(3))
-    bias = torch.zeros(2, 1, 5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), -1e10)
-    bias[1, :, :, 0] = -1e10  # a masked key
-    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
-    got = attention(q, k, v, bias)
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-2)
-
-
-def test_store_linears_in_bf16_keeps_autocast_outputs_bit_for_bit():
-    model = small_model(("reward",)).requires_grad_(False)
-    frozen = copy.deepcopy(model).store_linears_in(torch.bfloat16)
-    tokens = padded_tokens()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        a = model(tokens, padding_token=PAD, lm_positions=slice(19, 29))
-        b = frozen(tokens, padding_token=PAD, lm_positions=slice(19, 29))
-    for key in ("h", "reward", "lm_logits"):
-        assert torch.equal(a[key], b[key]), key
-    with pytest.raises(RuntimeError, match="autocast"):
-        frozen(tokens, padding_token=PAD)
-    with pytest.raises(ValueError, match="requires_grad_"):
-        small_model().store_linears_in(torch.bfloat16)
 
 
 def test_chunked_tf_adam_is_bit_for_bit_the_unchunked_update(monkeypatch):

@@ -7,6 +7,9 @@ of the output at the last real position before it. Scalar heads (value, reward) 
 
 The KV cache is preallocated once per sampling run (static shapes, no re-copy per decode step) and carries the
 non-pad mask and the real-token count of what it holds, so masks and positions stay right during decoding.
+
+What is there only to be fast (oneDNN products, CPU bfloat16 attention, the tied embedding's in-place gradient)
+lives in fused.py; each `fused.` call below computes the plain op its name says.
 """
 import math
 from dataclasses import asdict, dataclass
@@ -15,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lm_human_preferences.language.kernels import linear, linear_nt
+from lm_human_preferences.language import fused
 
 MASK_VALUE = -1e10  # the original's additive mask: w*b - 1e10*(1-b)
 
@@ -110,31 +113,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_bias, cache: KVCache | None, layer: int):
         B, s, C = x.shape
-        q, k, v = linear(x, self.c_attn).split(C, dim=2)
+        q, k, v = fused.linear(x, self.c_attn).split(C, dim=2)
         q = q.view(B, s, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, s, hs)
         k = k.view(B, s, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, s, self.n_head, C // self.n_head).transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nh, S, hs), S = cached + s
-        y = attention(q, k, v, attn_bias).transpose(1, 2).reshape(B, s, C)
-        return linear(y, self.c_proj)
-
-
-def attention(q, k, v, attn_bias):
-    """softmax(q k^T / sqrt(hs) + attn_bias) v; q (B, nh, s, hs), k and v (B, nh, S, hs) -> (B, nh, s, hs).
-
-    attn_bias (B, 1, s, S) is 0 where attending is allowed and -1e10 elsewhere, so a row with no allowed key becomes
-    uniform (as in the original) instead of NaN. float32 inputs, and every input on an accelerator, go through
-    scaled_dot_product_attention, whose kernels accumulate the softmax in float32. Lower-precision inputs on CPU
-    (bfloat16 autocast) are upcast and the attention is computed in float32 by hand, as the original computes it:
-    there the fused bfloat16 kernels are several times slower for these short masked sequences (backward most of
-    all), and the attention's matmuls are a small part of the model's FLOPs.
-    """
-    if q.dtype == torch.float32 or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        w = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, s, S)
-        return torch.matmul(torch.softmax(w + attn_bias, dim=-1), v.float()).to(q.dtype)
+        y = fused.attention(q, k, v, attn_bias)  # softmax(q k^T / sqrt(hs) + attn_bias) v, (B, nh, s, hs)
+        return fused.linear(y.transpose(1, 2).reshape(B, s, C), self.c_proj)
 
 
 class MLP(nn.Module):
@@ -144,7 +130,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return linear(F.gelu(linear(x, self.c_fc), approximate="tanh"), self.c_proj)
+        return fused.linear(F.gelu(fused.linear(x, self.c_fc), approximate="tanh"), self.c_proj)
 
 
 class Block(nn.Module):
@@ -185,68 +171,25 @@ def head_init_std(name: str, n_embd: int) -> float:
     return 0.0 if name == "value" else 1.0 / math.sqrt(n_embd + 1)
 
 
-def lm_logits(h, weight):
-    """h W^T in float32 for h (..., C) and the embedding matrix W (V, C): (..., V), contiguous (kernels.linear_nt)."""
-    return linear_nt(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], weight.shape[0])
+def attention_bias(mask, cache: KVCache | None):
+    """0 where current query i may attend key j, MASK_VALUE elsewhere: (B, 1, s, S) float32 for the non-pad mask
+    (B, s) of the current tokens, S = cached + s. Causal counted from the bottom right; pad keys (cached ones
+    included) are never attended."""
+    s = mask.shape[1]
+    past = 0 if cache is None else cache.length
+    key_mask = mask if cache is None else torch.cat([cache.mask[:, :past], mask], dim=1)  # (B, S)
+    causal = torch.ones(s, past + s, dtype=torch.bool, device=mask.device).tril(diagonal=past)
+    allowed = causal[None] & key_mask[:, None, :]  # (B, s, S)
+    attn_bias = torch.zeros(allowed.shape, dtype=torch.float32, device=mask.device)
+    return attn_bias.masked_fill(~allowed, MASK_VALUE)[:, None]  # (B, 1, s, S)
 
 
-class TiedGrad:
-    """The LM head's gradient for the tied embedding matrix, on its way to the embedding's backward."""
-    __slots__ = ("grad",)
-
-    def __init__(self):
-        self.grad = None
-
-
-class TiedLMHead(torch.autograd.Function):
-    """logits = h W^T in float32, whose backward leaves W's gradient in `tied` instead of returning it.
-
-    With the embedding lookup also taking W, autograd would add the two (V, C) gradients into a third; handing this
-    one to TiedEmbedding lets the embedding's backward add its part in place: the same sum, one (V, C) buffer less
-    at the end of the backward, when memory peaks. The LM head's backward always runs before the embedding's,
-    which is upstream of everything.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, tied: TiedGrad):  # h (..., C), weight (V, C), both float32
-        ctx.save_for_backward(h, weight)
-        ctx.tied = tied
-        return lm_logits(h, weight)  # autograd is off inside forward, so this takes kernels.linear_nt's fast path
-
-    @staticmethod
-    def backward(ctx, grad):  # grad (..., V)
-        h, weight = ctx.saved_tensors
-        grad2d = grad.reshape(-1, grad.shape[-1])
-        grad_h = grad2d.mm(weight).view(h.shape) if ctx.needs_input_grad[0] else None
-        if ctx.needs_input_grad[1]:
-            ctx.tied.grad = grad2d.t().mm(h.reshape(-1, h.shape[-1]))  # (V, C)
-        return grad_h, None, None
-
-
-class TiedEmbedding(torch.autograd.Function):
-    """weight[tokens], whose backward adds its gradient to the LM head's one waiting in `tied` (if any).
-
-    The rows of each distinct token are summed in order of occurrence, as the dense embedding backward sums them,
-    and then added to the LM head's gradient in place: the same bits as autograd's sum of the two dense gradients,
-    without materialising either extra (V, C) matrix.
-    """
-
-    @staticmethod
-    def forward(ctx, tokens, weight, tied: TiedGrad):
-        ctx.save_for_backward(tokens)
-        ctx.num_weights = weight.shape[0]
-        ctx.tied = tied
-        return F.embedding(tokens, weight)
-
-    @staticmethod
-    def backward(ctx, grad):  # grad (B, s, C)
-        (tokens,) = ctx.saved_tensors
-        grad_w, ctx.tied.grad = ctx.tied.grad, None
-        if grad_w is None:
-            return None, torch.ops.aten.embedding_dense_backward(grad, tokens, ctx.num_weights, -1, False), None
-        unique, inverse = torch.unique(tokens.reshape(-1), return_inverse=True)
-        sums = grad.new_zeros(len(unique), grad.shape[-1]).index_add_(0, inverse, grad.reshape(-1, grad.shape[-1]))
-        return None, grad_w.index_add_(0, unique, sums.to(grad_w.dtype)), None
+def copy_last_real(h, mask):
+    """h (B, s, C) with each pad position's output replaced by that of the nearest earlier real position."""
+    B, s = mask.shape
+    idx = torch.arange(s, device=mask.device).expand(B, s)
+    last_real = torch.cummax(torch.where(mask, idx, 0), dim=1).values  # (B, s), cumulative max of real indices
+    return torch.gather(h, 1, last_real[:, :, None].expand(-1, -1, h.shape[-1]))
 
 
 class GPT2(nn.Module):
@@ -259,7 +202,6 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.heads = nn.ModuleDict({name: ScalarHead(config.n_embd, head_init_std(name, config.n_embd))
                                     for name in scalar_heads})
-        self.linear_dtype = None  # set by store_linears_in: the dtype the blocks' Linear layers are kept in
         self.init_weights()
 
     def init_weights(self):
@@ -294,11 +236,7 @@ class GPT2(nn.Module):
         computes them only for those current positions. Returns a dict with 'h' (B, s, C), 'lm_logits'
         (float32) when asked, one (B, s) float32 entry per scalar head, and 'present' (the cache) when one is given.
         """
-        B, s = tokens.shape
-        if self.linear_dtype is not None and not (torch.is_autocast_enabled(tokens.device.type) and
-                                                  torch.get_autocast_dtype(tokens.device.type) == self.linear_dtype):
-            raise RuntimeError(f"this model keeps its Linear layers in {self.linear_dtype} (store_linears_in); run it "
-                               f"under torch.autocast({tokens.device.type!r}, dtype={self.linear_dtype})")
+        s = tokens.shape[1]  # tokens (B, s)
         past = 0 if cache is None else cache.length
         if past + s > self.config.n_ctx:
             raise ValueError(f"a sequence of {past + s} tokens is longer than the model's n_ctx={self.config.n_ctx}; "
@@ -315,60 +253,24 @@ class GPT2(nn.Module):
         positions = torch.cumsum(mask, dim=1) - mask.long()
         if cache is not None:
             positions = positions + cache.n_real
-        wte = self.wte.weight
-        # a training pass that also computes logits hands the LM head's weight gradient to the embedding's backward
-        tied = TiedGrad() if (lm_positions is not None and torch.is_grad_enabled() and wte.requires_grad
-                              and wte.dtype == torch.float32 and not torch.compiler.is_compiling()) else None
-        x = (TiedEmbedding.apply(tokens, wte, tied) if tied else self.wte(tokens)) + self.wpe(positions)  # (B, s, C)
-
-        # allowed[b, i, j]: current query i may attend key j (causal counted from the bottom right, key not a pad)
-        key_mask = mask if cache is None else torch.cat([cache.mask[:, :past], mask], dim=1)  # (B, S)
-        causal = torch.ones(s, past + s, dtype=torch.bool, device=tokens.device).tril(diagonal=past)
-        allowed = causal[None] & key_mask[:, None, :]  # (B, s, S)
-        attn_bias = torch.zeros(allowed.shape, dtype=torch.float32, device=tokens.device)
-        attn_bias = attn_bias.masked_fill(~allowed, MASK_VALUE)[:, None]  # (B, 1, s, S)
-
+        tied = fused.tied_grad(self.wte.weight, with_lm_head=lm_positions is not None)  # None unless training
+        x = fused.embedding(tokens, self.wte.weight, tied) + self.wpe(positions)  # (B, s, C)
+        attn_bias = attention_bias(mask, cache)  # (B, 1, s, S)
         for layer, block in enumerate(self.h):
             x = block(x, attn_bias, cache, layer)
         h = self.ln_f(x)
         if cache is not None:
             cache.advance(mask)
-
         if padding_token is not None:
-            # every pad position takes the output of the nearest earlier real position (cumulative max of indices)
-            idx = torch.arange(s, device=tokens.device).expand(B, s)
-            last_real = torch.cummax(torch.where(mask, idx, 0), dim=1).values  # (B, s)
-            h = torch.gather(h, 1, last_real[:, :, None].expand(-1, -1, h.shape[-1]))
+            h = copy_last_real(h, mask)
 
-        out = {"h": h}
-        for name, head in self.heads.items():
-            out[name] = head(h)
+        out = {"h": h, **{name: head(h) for name, head in self.heads.items()}}
         if lm_positions is not None:
-            hl = h if lm_positions == "all" else h[:, lm_positions]
-            with torch.autocast(device_type=hl.device.type, enabled=False):
-                # tied embeddings, no output bias, always float32 (logprob differences are PPO's signal)
-                hl = hl.float()
-                out["lm_logits"] = TiedLMHead.apply(hl, wte, tied) if tied else lm_logits(hl, wte.float())
+            # tied embeddings, no output bias, always float32 (logprob differences are PPO's signal)
+            out["lm_logits"] = fused.lm_head(h if lm_positions == "all" else h[:, lm_positions], self.wte.weight, tied)
         if cache is not None:
             out["present"] = cache
         return out
-
-    def store_linears_in(self, dtype: torch.dtype):
-        """Keeps the blocks' Linear weights and biases in `dtype`, for a frozen model that only runs under autocast.
-
-        Autocast to `dtype` casts every Linear's operands to it anyway (rounding to nearest), so the outputs stay bit
-        for bit the same, while a bf16 run's frozen reference policy and reward model take about half the memory
-        and skip the weight casts of every forward. Embeddings (the float32 LM head), LayerNorms and scalar heads
-        stay float32. The model must not require gradients; running it outside autocast to `dtype` raises.
-        """
-        if any(p.requires_grad for p in self.parameters()):
-            raise ValueError("store_linears_in is for frozen models: call requires_grad_(False) first (a trained "
-                             "model needs its float32 weights for the optimizer)")
-        for block in self.h:
-            for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-                lin.to(dtype)
-        self.linear_dtype = dtype
-        return self
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -12,8 +12,8 @@ from lm_human_preferences.language.model import GPT2, GPT2Config, KVCache
 from lm_human_preferences.language.trained_models import (CheckpointError, load_model, save_model_dir,
                                                           tf_to_state_dict)
 
-REF = Path(__file__).parent / "reference"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+REF = ROOT / "tests" / "reference"
 PAD = 52
 
 
