@@ -6,13 +6,12 @@ they split evenly over the ranks of a run.
 """
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Literal, Optional
 
+from lm_human_preferences import label_types
 from lm_human_preferences.utils.hyperparams import HParams, HParamsError
 
-LABEL_TYPE_PATTERN = r'best_of_\d+|scalar_rating|scalar_compare'
 MIN_WHITEN_ROWS = 8  # the original refuses to whiten rewards over fewer rows than this
 
 
@@ -78,15 +77,16 @@ class TaskHParams(HParams):
 
 @dataclass
 class LabelHParams(HParams):
-    type: Optional[str] = None  # 'best_of_4' (any best_of_N), 'scalar_rating' or 'scalar_compare'
+    type: Optional[str] = None  # a label type, e.g. 'best_of_4' (label_types.VALID_LABEL_TYPES lists them)
     num_train: Optional[int] = None  # how many labels to train on (one epoch)
     source: Optional[str] = None  # URL or path of the label JSON file, or 'test'
 
     def _validate(self, prefix: str) -> None:
         self._require(prefix, 'type', 'num_train', 'source')
-        if not re.fullmatch(LABEL_TYPE_PATTERN, self.type):
-            raise HParamsError(f"'{prefix}type' = {self.type!r} is not a label type: use best_of_N "
-                               f"(e.g. 'best_of_4'), 'scalar_rating' or 'scalar_compare'")
+        try:
+            label_types.get_label_type(self.type)
+        except ValueError as e:  # "'<type>' is not a label type: valid types are ..."
+            raise HParamsError(f"'{prefix}type' = {e}") from None
         self._require_at_least(prefix, 'num_train', 1)
 
 

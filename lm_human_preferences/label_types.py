@@ -1,4 +1,10 @@
-"""Label types for reward-model training (ORIGINAL §8.2): their record schemas, losses and target scales.
+"""Label types for reward-model training (ORIGINAL §8.2): their names, record schemas, losses and target scales.
+
+This module is the one place that knows the label types: `get_label_type(name)` parses a name ('best_of_<N>',
+'scalar_rating' or 'scalar_compare') and raises the one error for anything else; hyperparameter validation and
+the label files ask it. best_of_N needs N >= 2: a choice among one response gives the loss nothing to learn
+(softmax cross-entropy over one reward is 0). The original parsed any 'best_of_<N>' by its prefix; the port
+refuses N < 2 everywhere.
 
 `loss_from_rewards(rewards, labels)` is the pure loss: the reward model's outputs for the label's responses,
 stacked in `response_keys` order as rewards (B, num_responses), plus the label fields -> (loss, stats).
@@ -14,7 +20,7 @@ import torch.nn.functional as F
 
 from lm_human_preferences.utils.core import Schema, pearson_r
 
-VALID_LABEL_TYPES = ("best_of_N (e.g. best_of_4)", "scalar_rating", "scalar_compare")
+VALID_LABEL_TYPES = "best_of_N (N >= 2, e.g. best_of_4), scalar_rating, scalar_compare"
 
 Stats = Dict[str, torch.Tensor]
 Labels = Mapping[str, torch.Tensor]  # a batch of label records, field -> (B, ...)
@@ -34,12 +40,20 @@ class LabelType(ABC):
     response_keys: Tuple[str, ...]
     label_keys: Tuple[str, ...]
     has_accuracy = False  # whether loss stats include 'accuracy'
-    chance_accuracy: Optional[float] = None
+    chance_accuracy: Optional[float] = None  # accuracy of a uniformly random guess, where has_accuracy
 
     @property
     def num_responses(self) -> int:
         """How many responses each label compares."""
         return len(self.response_keys)
+
+    def field_kinds(self) -> Dict[str, str]:
+        """Field -> kind of a label-file record: 'query' and 'response' (token ids), then the annotation's
+        'int' (the index of a response) or 'float'."""
+        kinds = {"query": "query", **{k: "response" for k in self.response_keys}}
+        kinds.update({k: "int" if np.issubdtype(s.dtype, np.integer) else "float"
+                      for k, s in self.label_schemas().items()})
+        return kinds
 
     def schemas(self, *, query_length: int, response_length: int) -> Dict[str, Schema]:
         """Schema of a full label record (question and annotation), e.g. for a SampleBuffer."""
@@ -90,8 +104,8 @@ class PickBest(LabelType):
     has_accuracy = True
 
     def __init__(self, num_responses: int):
-        if num_responses < 2:
-            raise ValueError(f"best_of_N needs N >= 2, got {num_responses}")
+        if num_responses < 2:  # one response leaves nothing to choose
+            raise _not_a_label_type(f"best_of_{num_responses}")
         self.name = f"best_of_{num_responses}"
         self.response_keys = tuple(f"sample{i}" for i in range(num_responses))
         self.label_keys = ("best",)
@@ -157,8 +171,15 @@ class ScalarComparison(LabelType):
         return error, {"loss": error.detach(), "error": error.detach()}
 
 
+def _not_a_label_type(name: str) -> ValueError:
+    """The one error for a name that is not a label type."""
+    return ValueError(f"{name!r} is not a label type: valid types are {VALID_LABEL_TYPES}")
+
+
 def get_label_type(name: str) -> LabelType:
-    """The label type called `name`: 'best_of_<N>', 'scalar_rating' or 'scalar_compare'."""
+    """The label type called `name`: 'best_of_<N>' (N >= 2), 'scalar_rating' or 'scalar_compare'.
+
+    Raises ValueError("'<name>' is not a label type: valid types are ...") for anything else."""
     if name == "scalar_rating":
         return ScalarRating()
     if name == "scalar_compare":
@@ -166,4 +187,4 @@ def get_label_type(name: str) -> LabelType:
     n = name[len("best_of_"):]
     if name.startswith("best_of_") and n.isascii() and n.isdigit():
         return PickBest(int(n))
-    raise ValueError(f"Unknown label type {name!r}; valid: {', '.join(VALID_LABEL_TYPES)}")
+    raise _not_a_label_type(name)

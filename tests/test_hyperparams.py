@@ -266,6 +266,8 @@ def test_reward_validation():
         _reward_hparams(**{'labels.source': None}).validate()
     with pytest.raises(HParamsError, match="'labels.type' = 'best_of'"):
         _reward_hparams(**{'labels.type': 'best_of'}).validate()
+    with pytest.raises(HParamsError, match=r"'labels.type' = 'best_of_1' is not a label type: .*N >= 2"):
+        _reward_hparams(**{'labels.type': 'best_of_1'}).validate()
     with pytest.raises(HParamsError, match="'task.policy.temperature' must be > 0"):
         _reward_hparams(**{'task.policy.temperature': 0.0}).validate()
     with pytest.raises(HParamsError, match="'run.device'"):

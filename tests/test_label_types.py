@@ -5,6 +5,7 @@ The original's recorded losses come from running its reward model on the labels 
 not recorded): they are checked with the port's GPT-2 loaded from the recorded weights, and the loss functions
 on their own against numpy transcriptions of ORIGINAL §8.2."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,12 @@ import pytest
 import torch
 
 from lm_human_preferences import label_types
+from lm_human_preferences.hparams import LabelHParams
+from lm_human_preferences.language import labels as label_files
 from lm_human_preferences.language.model import GPT2, GPT2Config
 from lm_human_preferences.language.trained_models import tf_to_state_dict
 from lm_human_preferences.utils.core import Schema
+from lm_human_preferences.utils.hyperparams import HParamsError
 
 REF = Path(__file__).parent / "reference"
 
@@ -47,6 +51,32 @@ def test_schemas():
     assert schemas["best"] == Schema(np.int32, ())
     assert label_types.get_label_type("scalar_rating").label_schemas() == {"score": Schema(np.float32, ())}
     assert label_types.get_label_type("scalar_compare").label_schemas() == {"difference": Schema(np.float32, ())}
+
+
+def test_field_kinds():
+    assert label_types.get_label_type("best_of_2").field_kinds() == {"query": "query", "sample0": "response",
+                                                                      "sample1": "response", "best": "int"}
+    assert label_types.get_label_type("scalar_rating").field_kinds() == {"query": "query", "sample": "response",
+                                                                          "score": "float"}
+
+
+@pytest.mark.parametrize("name", ["best_of_0", "best_of_1", "best_of_x", "best_of_", "pairwise"])
+def test_hparams_and_label_files_reject_what_label_types_rejects(name):
+    """The three places that see a label type name agree, with label_types' one message (best_of_1 included)."""
+    message = re.escape(f"{name!r} is not a label type: valid types are best_of_N (N >= 2, e.g. best_of_4)")
+    with pytest.raises(ValueError, match=message):
+        label_types.get_label_type(name)
+    with pytest.raises(ValueError, match=message):
+        label_files.label_schema(name)
+    with pytest.raises(HParamsError, match=f"'labels.type' = {message}"):
+        LabelHParams(type=name, num_train=8, source="test").validate(prefix="labels.")
+
+
+@pytest.mark.parametrize("name", ["best_of_2", "best_of_7", "scalar_rating", "scalar_compare"])
+def test_hparams_and_label_files_accept_what_label_types_accepts(name):
+    lt = label_types.get_label_type(name)
+    LabelHParams(type=name, num_train=8, source="test").validate(prefix="labels.")
+    assert set(label_files.label_schema(name)) == set(lt.schemas(query_length=1, response_length=1))
 
 
 def test_best_of_n_loss_and_accuracy():
