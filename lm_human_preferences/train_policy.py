@@ -5,44 +5,30 @@ per-token rewards with the current beta -> noptepochs x nminibatches of PPO -> s
 update -> log -> checkpoint. Whitening stays rank-local per minibatch as in the original; `ppo.whiten_world_size`
 emulates the original's 8-rank grouping on fewer GPUs.
 """
-import contextlib
 import errno
 import json
-import math
-import random
 import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from lm_human_preferences import ppo
+from lm_human_preferences import ppo, runs, train_reward
 from lm_human_preferences.hparams import TrainPolicyHParams
 from lm_human_preferences.language.datasets import QuerySampler
-from lm_human_preferences.language.trained_models import load_model
-from lm_human_preferences.lm_tasks import penalized_scores, postprocess_responses, responses_valid
-from lm_human_preferences.policy import Policy
-from lm_human_preferences.rewards import load_reward_model
-from lm_human_preferences import train_reward
+from lm_human_preferences.runs import RunDir
 from lm_human_preferences.utils import ckpt, dist
-from lm_human_preferences.utils.hyperparams import with_resolved
 from lm_human_preferences.utils.logging import Logger, format_stats
 from lm_human_preferences.utils.optim import TFAdam
-
-POLICY_DIR = "policy"
+from lm_human_preferences.utils.training import (chunks, nonfinite_parameter, nonfinite_statistic, optimizer_step,
+                                                 rng_state, seed_rank, set_rng_state, wrap_ddp)
 
 
 class StopRequested(Exception):
     """Raised inside the loop after SIGTERM/SIGINT once a checkpoint is written."""
-
-
-def nupdates(hp) -> int:
-    return math.ceil(hp.ppo.total_episodes / hp.ppo.batch_size)
 
 
 def whiten_groups(hp, world_size: int) -> int:
@@ -69,26 +55,17 @@ def ppo_minibatch(ddp_policy, optimizer, mb, *, ppo_hp, lr, n_groups, micro_batc
         group["lr"] = lr
     adv = ppo.compute_advantages(mb["values"], mb["rewards"], ppo_hp.gamma, ppo_hp.lam, ppo_hp.whiten_rewards,
                                  n_groups=n_groups)
-    optimizer.zero_grad(set_to_none=True)
+
+    def loss_fn(rows):
+        with dist.autocast(device, precision):
+            new = ddp_policy(mb["queries"][rows], mb["responses"][rows])
+            return ppo.ppo_loss(new["logprobs"], new["values"], new["entropies"], mb["logprobs"][rows],
+                                mb["values"][rows], adv.advantages[rows], adv.returns[rows], ppo_hp.cliprange,
+                                ppo_hp.cliprange_value, ppo_hp.vf_coef)
+
     n = len(adv.advantages)
-    pieces = train_reward.chunks(n, micro_batch)
-    totals = {}
-    for i, sl in enumerate(pieces):
-        weight = (sl.stop - sl.start) / n
-        last = i == len(pieces) - 1
-        ctx = ddp_policy.no_sync() if (not last and isinstance(ddp_policy, DDP)) else contextlib.nullcontext()
-        with ctx:
-            with dist.autocast(device, precision):
-                new = ddp_policy(mb["queries"][sl], mb["responses"][sl])
-                loss, stats = ppo.ppo_loss(new["logprobs"], new["values"], new["entropies"], mb["logprobs"][sl],
-                                           mb["values"][sl], adv.advantages[sl], adv.returns[sl], ppo_hp.cliprange,
-                                           ppo_hp.cliprange_value, ppo_hp.vf_coef)
-            (loss * weight).backward()
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0.0) + v * weight
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free until the next step
-    if len(pieces) > 1:  # population moments of the inputs over the whole minibatch, not averaged over pieces
+    totals = optimizer_step(optimizer, ddp_policy, n, micro_batch, loss_fn)
+    if len(chunks(n, micro_batch)) > 1:  # population moments of the inputs over the whole minibatch, not averaged
         values = mb["values"].float()
         totals["returns/mean"], totals["returns/var"] = adv.returns.mean(), adv.returns.var(unbiased=False)
         totals["val/mean"], totals["val/var"] = values.mean(), values.var(unbiased=False)
@@ -109,56 +86,41 @@ def ppo_train(ddp_policy, optimizer, rollouts, orders, *, ppo_hp, lr, nminibatch
     return stats
 
 
-
 class PPOTrainer:
-    """Holds the models, optimizer, sampler and RNG of one rank and runs `step()` once per update."""
+    """Holds the models, optimizer, sampler and RNG of one rank; `step()` once per update: `rollout` then `update`."""
 
     def __init__(self, hp: TrainPolicyHParams, info, *, score_model, ref_policy, policy, sampler, enc, precision,
                  np_rng, generator):
         self.hp, self.info, self.enc, self.precision = hp, info, enc, precision
         self.score_model, self.ref_policy, self.policy, self.sampler = score_model, ref_policy, policy, sampler
         self.np_rng, self.generator = np_rng, generator
-        self.ddp_policy = DDP(policy, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
-            if dist.is_distributed() else policy
+        self.ddp_policy = wrap_ddp(policy, info.device)
+        if hp.run.compile:
+            policy.model.forward = torch.compile(policy.model.forward)
         self.optimizer = TFAdam(policy.parameters(), lr=hp.ppo.lr, eps=1e-5)
         self.kl_ctl = make_kl_controller(hp.rewards)
         self.global_step = 0
-        self.nupdates = nupdates(hp)
+        self.nupdates = hp.ppo.nupdates
         self.batch = dist.exact_batch(hp.ppo.batch_size, info.world_size, "ppo.batch_size")
         self.minibatch = dist.exact_batch(self.batch, hp.ppo.nminibatches, "per-rank ppo batch")
         self.n_groups = whiten_groups(hp, info.world_size)
         self.last_time = time.time()
         self.start_time = time.time()
 
-    # ---- rollout -------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def rollout(self, queries):
-        """Samples responses and scores them; no gradients, micro-batched by run.rollout_micro_batch."""
-        task, device = self.hp.task, self.info.device
-        parts = []
-        for sl in train_reward.chunks(len(queries), self.hp.run.rollout_micro_batch):
-            q = queries[sl]
-            with dist.autocast(device, self.precision):
-                out = self.policy.respond(q, task.response_length, generator=self.generator)
-                ref = self.ref_policy(q, out["responses"], with_entropy=False)
-                post = postprocess_responses(out["responses"], task.truncate_token, task.truncate_after,
-                                             self.enc.padding_token)
-                raw = self.score_model(q, post)
-            valid = responses_valid(post, task.truncate_token, task.truncate_after)
-            parts.append(dict(responses=out["responses"], logprobs=out["logprobs"], values=out["values"],
-                              ref_logprobs=ref["logprobs"], postprocessed=post,
-                              scores=penalized_scores(raw.float(), valid, task.penalty_reward_value)))
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        """Responses to `queries` with their logprobs, values, reference logprobs and penalized scores
+        (runs.rollout; no gradients, in pieces of run.rollout_micro_batch)."""
+        return runs.rollout(self.policy, queries, self.hp.task, self.enc.padding_token, generator=self.generator,
+                            precision=self.precision, ref_policy=self.ref_policy, score_model=self.score_model,
+                            micro_batch=self.hp.run.rollout_micro_batch)
 
-    # ---- training ------------------------------------------------------------------------------------------
-    def step(self):
-        """One PPO update on this rank; returns the all-reduced statistics and the rollout."""
+    def update(self, queries, data) -> dict:
+        """Per-token rewards with the current beta, noptepochs x nminibatches of PPO, statistics (all-reduced and
+        checked to be finite), then the KL controller's update; returns the statistics."""
         hp, info = self.hp, self.info
-        queries = torch.as_tensor(self.sampler.next_batch(), device=info.device)
-        data = self.rollout(queries)
         kl_coef = self.kl_ctl.value
-        rewards, non_score_reward, kl = ppo.compute_rewards(data["scores"], data["logprobs"], data["ref_logprobs"],
-                                                            kl_coef)
+        rewards, non_score_reward, _ = ppo.compute_rewards(data["scores"], data["logprobs"], data["ref_logprobs"],
+                                                           kl_coef)
         rollouts = dict(queries=queries, responses=data["responses"], logprobs=data["logprobs"],
                         values=data["values"], rewards=rewards)
         lr = hp.ppo.lr * (1 - self.global_step / self.nupdates)
@@ -173,11 +135,11 @@ class PPOTrainer:
                                reduce_fn=lambda st: dist.all_reduce_mean_tensors(st, info.device))
         stats = {k: float(v) for k, v in stats.items()}
         stats["ppo/lr"] = lr
-        for k, v in stats.items():
-            if not math.isfinite(v):
-                raise FloatingPointError(f"PPO update {self.global_step}: statistic {k} = {v} is not finite; the "
-                                         f"run stopped and the last good checkpoint is kept. Lower ppo.lr or use "
-                                         f"--run.precision fp32")
+        bad = nonfinite_statistic(stats)
+        if bad is not None:
+            raise FloatingPointError(f"PPO update {self.global_step}: statistic {bad} = {stats[bad]} is not finite; "
+                                     f"the run stopped and the last good checkpoint is kept. Lower ppo.lr or use "
+                                     f"--run.precision fp32")
         bad = nonfinite_parameter(self.policy)
         if bad is not None:
             raise FloatingPointError(f"PPO update {self.global_step}: parameter {bad} is not finite after the "
@@ -185,21 +147,26 @@ class PPOTrainer:
                                      f"ppo.lr or use --run.precision fp32")
         self.kl_ctl.update(stats["objective/kl"], hp.ppo.batch_size)
 
-        now = time.time()
-        step = self.global_step
+        now, step = time.time(), self.global_step
         stats.update({"elapsed/updates": step + 1, "elapsed/steps/serial": (step + 1) * hp.task.response_length,
                       "elapsed/steps/total": (step + 1) * hp.ppo.batch_size * hp.task.response_length,
                       "elapsed/episodes": (step + 1) * hp.ppo.batch_size,
                       "elapsed/fps": int(hp.ppo.batch_size * hp.task.response_length / max(now - self.last_time, 1e-9)),
                       "elapsed/time": now - self.start_time})
         self.last_time = now
-        return stats, dict(data, queries=queries, kl=kl)
+        return stats
+
+    def step(self):
+        """One PPO update on this rank's next batch of queries; returns the statistics and the rollout."""
+        queries = torch.as_tensor(self.sampler.next_batch(), device=self.info.device)
+        data = self.rollout(queries)
+        return self.update(queries, data), dict(data, queries=queries)
 
     def print_samples(self, data, n=3):
         """Three decoded samples: query, post-processed response, score, kl, and total = score - kl_coef*kl."""
         kl_coef0 = self.hp.rewards.kl_coef
         for i in range(min(n, len(data["queries"]))):
-            kl_i = data["kl"][i].sum().item()
+            kl_i = (data["logprobs"][i] - data["ref_logprobs"][i]).sum().item()
             score = data["scores"][i].item()
             print("query:    ", self.enc.decode(data["queries"][i].tolist()).replace("\n", "⏎"))
             print("response: ", self.enc.decode(data["postprocessed"][i].tolist()).replace("\n", "⏎"))
@@ -230,12 +197,12 @@ class PPOTrainer:
                 raise ckpt.save_error(step, root, error or OSError(errno.EIO, "a write failed on another rank"))
 
         def write_rank_files():
-            ckpt.atomic_torch_save(tmp / f"rng-rank{info.rank}.pt", rng_state(self.np_rng, self.generator))
-            ckpt.atomic_write_json(tmp / f"sampler-rank{info.rank}.json", self.sampler.state_dict())
+            ckpt.atomic_torch_save(tmp / runs.rng_file(info.rank), rng_state(self.np_rng, self.generator))
+            ckpt.atomic_write_json(tmp / runs.sampler_file(info.rank), self.sampler.state_dict())
             if info.is_main:
-                ckpt.atomic_save_tensors(tmp / "model.safetensors", self.policy.model.state_dict())
-                ckpt.atomic_torch_save(tmp / "optimizer.pt", self.optimizer.state_dict())
-                ckpt.atomic_write_json(tmp / "state.json", dict(self.state(), world_size=info.world_size,
+                ckpt.atomic_save_tensors(tmp / runs.MODEL_FILE, self.policy.model.state_dict())
+                ckpt.atomic_torch_save(tmp / runs.OPTIMIZER_FILE, self.optimizer.state_dict())
+                ckpt.atomic_write_json(tmp / runs.STATE_FILE, dict(self.state(), world_size=info.world_size,
                                                                    wandb_id=wandb_id))
 
         final = root / f"step-{step:08d}"
@@ -251,21 +218,18 @@ class PPOTrainer:
 
         Raises ValueError / FileNotFoundError naming the file for a truncated, foreign or incomplete checkpoint."""
         info = self.info
-        state = _read_json(path / "state.json")
+        state = _read_json(path / runs.STATE_FILE)
         try:
             world_size, global_step, kl_state = state["world_size"], int(state["global_step"]), state["kl_ctl"]
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path / 'state.json'} is not a policy checkpoint state ({e!r} missing or bad)") from e
+            raise ValueError(f"{path / runs.STATE_FILE} is not a policy checkpoint state ({e!r} missing or bad)") from e
         if world_size != info.world_size:
             raise ValueError(f"checkpoint {path} was written by {world_size} ranks but this run has "
                              f"{info.world_size}; resume with the same number of processes")
-        sd = ckpt.load_tensors(path / "model.safetensors")
-        from lm_human_preferences.language.trained_models import check_state_dict
-        check_state_dict(self.policy.model, sd, allow_missing_heads=False)
-        optimizer_state = ckpt.torch_load_safe(path / "optimizer.pt")
-        rng = ckpt.torch_load_safe(path / f"rng-rank{info.rank}.pt")
-        sampler_state = _read_json(path / f"sampler-rank{info.rank}.json")
-        self.policy.model.load_state_dict(sd)
+        optimizer_state = ckpt.torch_load_safe(path / runs.OPTIMIZER_FILE)
+        rng = ckpt.torch_load_safe(path / runs.rng_file(info.rank))
+        sampler_state = _read_json(path / runs.sampler_file(info.rank))
+        runs.load_policy_weights(self.policy.model, path)
         try:
             self.optimizer.load_state_dict(optimizer_state)
             self.kl_ctl.load_state_dict(kl_state)
@@ -287,50 +251,6 @@ def _read_json(path):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"checkpoint file {path} is truncated or corrupt ({e})") from e
-
-
-def nonfinite_parameter(module):
-    """The name of the first parameter of `module` holding a NaN or inf, or None (one device sync)."""
-    named = [(n, p) for n, p in module.named_parameters()]
-    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
-    if bool(finite.all()):
-        return None
-    return named[int((~finite).nonzero()[0])][0]
-
-
-def rng_state(np_rng, generator):
-    """Every RNG of this rank as tensors/plain values (loadable with weights_only=True)."""
-    py = random.getstate()
-    out = {"python": [py[0], list(py[1]), py[2]], "numpy": _np_state(np_rng.get_state()),
-           "numpy_global": _np_state(np.random.get_state()),
-           "torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        out["torch_cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _np_state(np_state):
-    """A NumPy RandomState state tuple as weights_only-loadable values."""
-    name, keys, pos, has_gauss, gauss = np_state
-    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-
-
-def _np_state_back(saved):
-    """The inverse of `_np_state`."""
-    name, keys, pos, has_gauss, gauss = saved
-    return name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss
-
-
-def set_rng_state(state, np_rng, generator):
-    """Restores every RNG `rng_state` captured."""
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np_rng.set_state(_np_state_back(state["numpy"]))
-    np.random.set_state(_np_state_back(state["numpy_global"]))
-    torch.set_rng_state(state["torch_cpu"])
-    generator.set_state(state["generator"])
-    if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["torch_cuda"])
 
 
 class SignalFlag:
@@ -359,19 +279,10 @@ class SignalFlag:
         return False
 
 
-def write_policy_metadata(save_dir: Path, hp, policy, enc_name, device: torch.device):
-    """train_policy_hparams.json and policy/{hparams.json, encoding}: what `sample` needs besides a checkpoint."""
-    ckpt.atomic_write_json(save_dir / "train_policy_hparams.json",
-                           with_resolved(hp.to_nested_dict(), dist.resolved_run_settings(hp.run.precision, device)))
-    ckpt.atomic_write_json(save_dir / POLICY_DIR / "hparams.json", policy.model.config.to_dict())
-    ckpt.atomic_write_json(save_dir / POLICY_DIR / "encoding", enc_name)
-
-
-def changed_hparams(save_dir: Path, hp) -> list:
+def changed_hparams(run_dir: RunDir, hp) -> list:
     """Dotted keys (outside run.*) whose value differs from the run's saved train_policy_hparams.json."""
-    path = save_dir / "train_policy_hparams.json"
     try:
-        saved = TrainPolicyHParams.from_nested_dict(json.loads(path.read_text())).to_flat_dict()
+        saved = TrainPolicyHParams.from_nested_dict(json.loads(run_dir.policy_hparams.read_text())).to_flat_dict()
     except Exception:  # missing or from another version: nothing to compare
         return []
     now = hp.to_flat_dict()
@@ -379,15 +290,15 @@ def changed_hparams(save_dir: Path, hp) -> list:
                   if not k.startswith("run.") and saved.get(k, "<unset>") != now.get(k, "<unset>"))
 
 
-def reward_hparams(hp: TrainPolicyHParams, save_dir):
+def reward_hparams(hp: TrainPolicyHParams, run_dir):
     """The chained reward training's hyperparameters (rewards.train_new_model), stored in the same run directory."""
     rm_hp = hp.rewards.train_new_model
     if rm_hp.task.to_nested_dict() != hp.task.to_nested_dict():
         raise ValueError("rewards.train_new_model.task must equal task (the reward model is trained on the "
                          "policy's task)")
-    if save_dir is None:
+    if run_dir is None:
         raise ValueError("rewards.train_new_model needs run.save_dir to store the reward model")
-    rm_hp.run.save_dir = str(save_dir)
+    rm_hp.run.save_dir = str(run_dir.path)
     rm_hp.run.device, rm_hp.run.precision = hp.run.device, hp.run.precision
     return rm_hp
 
@@ -396,31 +307,20 @@ def build_trainer(hp: TrainPolicyHParams, info, trained_model) -> PPOTrainer:
     """Seeds this rank, then loads the score model, reference policy, policy and query sampler (raising on bad
     input); writes nothing."""
     precision = dist.resolve_precision(hp.run.precision, info.device)
-    seed = dist.rank_seed(hp.run.seed, info.rank)
-    np_rng = dist.seed_everything(seed)
-    generator = torch.Generator(device=info.device)
-    generator.manual_seed(seed if seed is not None else int(np_rng.randint(2**31)))
-
+    np_rng, generator = seed_rank(hp.run.seed, info.rank, info.device)
     task = hp.task
-    enc, prefix, suffix = train_reward.task_encodings(task)
-    score_model = load_reward_model(trained_model, n_vocab=enc.n_vocab, padding_token=enc.padding_token,
-                                    device=info.device)
-    ref_policy = train_reward.build_ref_policy(task, enc, prefix, suffix, info.device)
-    train_reward.check_fits_context(task, ref_policy.model.config.n_ctx, prefix, suffix)
-    policy = Policy(load_model(task.policy.initial_model, ["value"], n_vocab=enc.n_vocab, device=info.device),
-                    temperature=task.policy.temperature, padding_token=enc.padding_token, prefix_tokens=prefix,
-                    suffix_tokens=suffix).to(info.device)
-    policy.eval()  # dropout is never active; eval() changes nothing else here
+    enc, prefix, suffix = runs.task_encodings(task)
+    score_model = runs.load_reward_model(trained_model, n_vocab=enc.n_vocab, padding_token=enc.padding_token,
+                                         device=info.device)
+    ref_policy = runs.build_policy(task, enc, prefix, suffix, info.device, frozen=True)
+    policy = runs.build_policy(task, enc, prefix, suffix, info.device, frozen=False)
     for module in (score_model, ref_policy, policy):
         dist.broadcast_module(module)
     sampler = QuerySampler(task.query_dataset, "train", enc, task.query_length, task.start_text, task.end_text,
                            dist.exact_batch(hp.ppo.batch_size, info.world_size, "ppo.batch_size"),
                            rank=info.rank, world_size=info.world_size)
-    trainer = PPOTrainer(hp, info, score_model=score_model, ref_policy=ref_policy, policy=policy, sampler=sampler,
-                         enc=enc, precision=precision, np_rng=np_rng, generator=generator)
-    if hp.run.compile:
-        policy.model.forward = torch.compile(policy.model.forward)
-    return trainer
+    return PPOTrainer(hp, info, score_model=score_model, ref_policy=ref_policy, policy=policy, sampler=sampler,
+                      enc=enc, precision=precision, np_rng=np_rng, generator=generator)
 
 
 def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
@@ -431,37 +331,30 @@ def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
     reward model is kept) or `overwrite` (delete it first). SIGTERM/SIGINT stop at the next update boundary with a
     checkpoint; a non-finite statistic or parameter raises FloatingPointError, keeping the last good checkpoint.
     """
-    hp.validate()
-    with ckpt.input_errors():  # before any collective, so every rank fails alike
-        hp.check_world_size(dist.env_info(hp.run.device).world_size)
-    info = dist.init_distributed(hp.run.device)
-    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
-    ckpt_root = save_dir / POLICY_DIR / "checkpoints" if save_dir else None
+    run_dir = RunDir(hp.run.save_dir) if hp.run.save_dir else None
     chained = hp.rewards.train_new_model is not None
-    trained_model = hp.rewards.trained_model
-    rm_setup = trainer = latest = state = None
-    with ckpt.validated_inputs(info.device):
-        ckpt.check_run_dir(save_dir, resume=resume, overwrite=overwrite)
-        latest = ckpt.latest_checkpoint(ckpt_root) if resume and ckpt_root is not None else None
+
+    def prepare(info):
+        """(latest checkpoint, reward trainer, PPO trainer, its restored state): everything loads now, except that
+        with a chained reward model the PPO trainer loads after the reward model is trained."""
+        latest = ckpt.latest_checkpoint(run_dir.checkpoints) if resume and run_dir is not None else None
         if chained:
-            rm_hp = reward_hparams(hp, save_dir)
-            trained_model = str(save_dir / train_reward.REWARD_DIR)
-            if not (resume and train_reward.reward_model_complete(save_dir)):
-                rm_setup = train_reward.prepare(rm_hp, info)
-        else:  # everything loads now; with a chained reward model, after it is trained
-            trainer = build_trainer(hp, info, trained_model)
-            state = trainer.load_checkpoint(latest) if latest is not None else None
-    if overwrite and info.is_main:
-        ckpt.clear_run_dir(save_dir)
-    dist.barrier()
-    if rm_setup is not None:
-        train_reward.run(rm_setup)
-        rm_setup = None  # free the reward training's models before loading the policy's
+            rm_hp = reward_hparams(hp, run_dir)
+            done = resume and run_dir.reward_model_complete()
+            return latest, None if done else train_reward.build_trainer(rm_hp, info), None, None
+        trainer = build_trainer(hp, info, hp.rewards.trained_model)
+        return latest, None, trainer, trainer.load_checkpoint(latest) if latest is not None else None
+
+    info, (latest, reward_trainer, trainer, state) = runs.open_run(hp, run_dir, resume=resume, overwrite=overwrite,
+                                                                   prepare=prepare)
+    if reward_trainer is not None:
+        train_reward.run(reward_trainer)
+        reward_trainer = None  # free the reward training's models before loading the policy's
     elif chained and info.is_main:
-        print(f"reward model already trained in {trained_model}; skipping reward training")
+        print(f"reward model already trained in {run_dir.reward_model}; skipping reward training")
     if trainer is None:
         with ckpt.validated_inputs(info.device):
-            trainer = build_trainer(hp, info, trained_model)
+            trainer = build_trainer(hp, info, str(run_dir.reward_model))
             state = trainer.load_checkpoint(latest) if latest is not None else None
 
     wandb_id = state.get("wandb_id") if state else None
@@ -469,20 +362,21 @@ def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
         hp.dump()
         if latest is not None:
             print(f"resumed from {latest} at update {trainer.global_step} of {trainer.nupdates}")
-            changed = changed_hparams(save_dir, hp)
+            changed = changed_hparams(run_dir, hp)
             if changed:
                 print(f"warning: resuming with hyperparameters that differ from the run's saved ones "
                       f"({', '.join(changed)}); the continuation is not the run it would have been", file=sys.stderr)
         elif resume:
-            print(f"no complete checkpoint to resume in {ckpt_root}; starting at update 0")
-        if save_dir is not None:
-            ckpt.remove_stale_tmp(ckpt_root)
-            ckpt.truncate_metrics(save_dir / "train_policy_metrics.jsonl", trainer.global_step)
-            write_policy_metadata(save_dir, hp, trainer.policy,
-                                  train_reward.encoding_name(hp.task.policy.initial_model), info.device)
-    logger = Logger(is_main=info.is_main, save_dir=save_dir, name="train_policy", config=hp.to_nested_dict(),
-                    wandb_setting=hp.run.wandb, wandb_project=hp.run.wandb_project,
-                    run_name=save_dir.name if save_dir else None, wandb_id=wandb_id)
+            print(f"no complete checkpoint to resume in {run_dir.checkpoints}; starting at update 0")
+        if run_dir is not None:
+            ckpt.remove_stale_tmp(run_dir.checkpoints)
+            ckpt.truncate_metrics(run_dir.policy_metrics, trainer.global_step)
+            runs.write_policy_metadata(run_dir, hp, trainer.policy, runs.encoding_name(hp.task.policy.initial_model),
+                                       info.device)
+    logger = Logger(is_main=info.is_main, save_dir=run_dir.path if run_dir else None, name="train_policy",
+                    config=hp.to_nested_dict(), wandb_setting=hp.run.wandb, wandb_project=hp.run.wandb_project,
+                    run_name=run_dir.path.name if run_dir else None, wandb_id=wandb_id)
+    ckpt_root = run_dir.checkpoints if run_dir else None
     bar = tqdm(total=trainer.nupdates, initial=trainer.global_step, desc="train_policy", disable=not info.is_main,
                dynamic_ncols=True)
     saved_at = trainer.global_step if latest is not None else None
@@ -516,4 +410,4 @@ def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
         logger.finish()
     if ckpt_root is not None and saved_at != trainer.global_step:
         trainer.save_checkpoint(ckpt_root, logger.wandb_id)
-    return save_dir
+    return run_dir.path if run_dir else None

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import launch  # noqa: E402
 import params  # noqa: E402
-from lm_human_preferences import train_reward  # noqa: E402
+from lm_human_preferences import runs  # noqa: E402
 from lm_human_preferences.language.model import GPT2, GPT2Config  # noqa: E402
 from lm_human_preferences.language.model import test_config as tiny_config  # noqa: E402
 from lm_human_preferences.language.trained_models import save_model_dir  # noqa: E402
@@ -73,7 +73,7 @@ def files(tmp_path_factory):
 
     hp = params.get_hparams("train_reward", "test", {})
     rm = RewardModel(GPT2(GPT2Config(**{**tiny_config().to_dict(), "n_embd": 8}), ["reward"]), padding_token=TEST_PAD)
-    train_reward.save_reward_model(d / "other_size_rm", rm, hp, "test")
+    runs.save_reward_model(runs.RunDir(d / "other_size_rm"), rm, hp, "test")
     (d / "other_size_rm" / "reward_model" / "hparams.json").write_text(json.dumps(tiny_config().to_dict()))
     (d / "empty_rm").mkdir()
     (d / "no_data").mkdir()

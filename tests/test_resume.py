@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import launch  # noqa: E402
 import params  # noqa: E402
-from lm_human_preferences import train_reward  # noqa: E402
+from lm_human_preferences import runs, train_reward  # noqa: E402
 from lm_human_preferences.utils import ckpt  # noqa: E402
 
 N_UPDATES = 6
@@ -321,8 +321,7 @@ def test_only_complete_checkpoints_count_and_last_k_are_kept(tmp_path):
 
 def test_reward_model_directory_appears_complete_or_not_at_all(tmp_path, reward_dir, monkeypatch):
     """A failure while writing the reward model leaves no reward_model/ that train_policy could mistake for one."""
-    from lm_human_preferences.rewards import load_reward_model
-    rm = load_reward_model(str(reward_dir), n_vocab=27, padding_token=27)
+    rm = runs.load_reward_model(str(reward_dir), n_vocab=27, padding_token=27)
     hp = params.get_hparams("train_reward", "test", {"run.save_dir": str(tmp_path)})
     calls = []
     real = ckpt.atomic_write_bytes
@@ -335,9 +334,9 @@ def test_reward_model_directory_appears_complete_or_not_at_all(tmp_path, reward_
 
     monkeypatch.setattr(ckpt, "atomic_write_bytes", fail_on_third)
     with pytest.raises(OSError):
-        train_reward.save_reward_model(tmp_path, rm, hp, "test")
-    assert not (tmp_path / "reward_model").exists() and not train_reward.reward_model_complete(tmp_path)
+        runs.save_reward_model(runs.RunDir(tmp_path), rm, hp, "test")
+    assert not (tmp_path / "reward_model").exists() and not runs.RunDir(tmp_path).reward_model_complete()
     monkeypatch.setattr(ckpt, "atomic_write_bytes", real)
-    train_reward.save_reward_model(tmp_path, rm, hp, "test")
-    assert train_reward.reward_model_complete(tmp_path)
+    runs.save_reward_model(runs.RunDir(tmp_path), rm, hp, "test")
+    assert runs.RunDir(tmp_path).reward_model_complete()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reward_model", "train_reward_hparams.json"]

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from lm_human_preferences import sample
+from lm_human_preferences import runs, sample
 from lm_human_preferences.language.encodings import get_encoding
 from lm_human_preferences.language.trained_models import read_state_dict
 from lm_human_preferences.lm_tasks import postprocess_responses
-from lm_human_preferences.rewards import load_reward_model
+from lm_human_preferences.runs import load_reward_model
 from lm_human_preferences.utils.ckpt import latest_checkpoint
 
 LAUNCH = pathlib.Path(__file__).resolve().parents[1] / 'launch.py'
@@ -134,11 +134,11 @@ def test_same_seed_same_samples_other_seed_differs(run_dir, tmp_path, capsys):
 
 
 def test_policy_is_the_latest_checkpoint(run_dir):
-    hp = sample.read_run_hparams(run_dir)
-    checkpoint = sample.latest_policy_checkpoint(run_dir)
+    hp = runs.read_run_hparams(runs.RunDir(run_dir))
+    checkpoint = runs.latest_policy_checkpoint(runs.RunDir(run_dir))
     assert checkpoint == latest_checkpoint(run_dir / 'policy' / 'checkpoints')
     enc = get_encoding('test')
-    policy = sample.load_policy(run_dir, checkpoint, hp, enc, temperature=0.7, device=torch.device('cpu'))
+    policy = runs.load_policy(runs.RunDir(run_dir), checkpoint, hp, enc, temperature=0.7, device=torch.device('cpu'))
     assert policy.temperature == 0.7
     saved = read_state_dict(checkpoint / 'model.safetensors')
     loaded = policy.model.state_dict()
@@ -196,12 +196,12 @@ def test_newlines_shown_as_mark_and_pads_as_nothing(capsys):
     (dict(temperature=0.0), 'temperature must be > 0'),
 ])
 def test_bad_arguments(run_dir, kwargs, message):
-    with pytest.raises(sample.SampleError, match=message):
+    with pytest.raises(runs.RunError, match=message):
         sample.main(run_dir=run_dir, **kwargs)
 
 
 def test_no_reward_model_to_score_with(run_dir, tmp_path):
     run = _copy_run(run_dir, tmp_path / 'copy')
     shutil.rmtree(run / 'reward_model')
-    with pytest.raises(sample.SampleError, match='--no-score'):
+    with pytest.raises(runs.RunError, match='--no-score'):
         sample.main(run_dir=run, nsamples=1, batch_size=1, score=True)

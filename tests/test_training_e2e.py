@@ -10,7 +10,7 @@ import torch
 
 import params
 from lm_human_preferences import train_policy, train_reward
-from lm_human_preferences.rewards import load_reward_model
+from lm_human_preferences.runs import load_reward_model
 from lm_human_preferences.utils import ckpt
 from lm_human_preferences.utils.logging import read_metrics
 
