@@ -4,11 +4,14 @@ reward(q, r) = gain * head(h[concat(q, r)])[:, -1] + bias, read at the last posi
 §4.3 is the last real token. The reward model sees the raw query: no task prefix or suffix.
 """
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from lm_human_preferences.language.model import GPT2
+from lm_human_preferences.language.trained_models import check_state_dict, load_model, read_model_config
+from lm_human_preferences.utils.ckpt import CheckpointError, load_tensors
 
 
 class RewardModel(nn.Module):
@@ -48,11 +51,6 @@ class RewardModel(nn.Module):
 
 def load_reward_model(path: str, *, n_vocab: int, padding_token: int, device="cpu") -> RewardModel:
     """A frozen reward model from a reward run's `reward_model/` directory ('test': a random test model)."""
-    from pathlib import Path
-
-    from lm_human_preferences.language.model import GPT2
-    from lm_human_preferences.language.trained_models import (CheckpointError, check_state_dict, load_model,
-                                                              read_model_config, read_state_dict)
     if path is None:
         raise ValueError("no reward model: set rewards.trained_model to a reward run's reward_model/ directory or "
                          "turn on rewards.train_new_model")
@@ -67,7 +65,7 @@ def load_reward_model(path: str, *, n_vocab: int, padding_token: int, device="cp
         config = read_model_config(d)
         if config.n_vocab != n_vocab:
             raise CheckpointError(f"reward model {d} has n_vocab={config.n_vocab} but the task's encoding has {n_vocab}")
-        sd = read_state_dict(d / "model.safetensors")
+        sd = load_tensors(d / "model.safetensors")
         for key in ("reward_norm.gain", "reward_norm.bias"):
             if key not in sd:
                 raise CheckpointError(f"{d / 'model.safetensors'} has no {key!r}; it was not written by train_reward")

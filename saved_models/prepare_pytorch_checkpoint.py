@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lm_human_preferences.language.model import GPT2, GPT2Config  # noqa: E402
-from lm_human_preferences.language.trained_models import (OPENAI_MODEL_NAMES, CheckpointError,  # noqa: E402
-                                                          check_state_dict, hf_to_state_dict, save_model_dir,
-                                                          tf_to_state_dict)
+from lm_human_preferences.language.trained_models import (OPENAI_MODEL_NAMES, check_state_dict,  # noqa: E402
+                                                          hf_to_state_dict, save_model_dir, tf_to_state_dict)
+from lm_human_preferences.utils.ckpt import CheckpointError, load_tensors  # noqa: E402
 from lm_human_preferences.utils.download import fetch  # noqa: E402
 
 OPENAI_BASE = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -76,8 +76,7 @@ def convert_hf(src: str):
     if abs(cfg.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
         raise CheckpointError(f"{cfg_path}: layer_norm_epsilon {cfg['layer_norm_epsilon']} is not GPT-2's 1e-5")
     if (d / "model.safetensors").is_file():
-        from lm_human_preferences.language.trained_models import read_state_dict
-        hf_sd = read_state_dict(d / "model.safetensors")
+        hf_sd = load_tensors(d / "model.safetensors")
     elif (d / "pytorch_model.bin").is_file():
         try:
             hf_sd = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)

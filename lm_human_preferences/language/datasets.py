@@ -29,13 +29,18 @@ over 'abcdefghijklmnopqrstuvwxyz.', here drawn from `random.Random(0)` so it is 
 from __future__ import annotations
 
 import array
+import itertools
+import multiprocessing
 import os
 import pathlib
 import random
-import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
+
+from lm_human_preferences.language.encodings import get_encoding
+from lm_human_preferences.utils.ckpt import atomic_open
 
 BIN_DTYPE = np.dtype("<u2")
 IDX_DTYPE = np.dtype("<i8")
@@ -99,31 +104,15 @@ def write_token_file(path_prefix: str | os.PathLike, docs_token_lists: Iterable[
     document has been written. Returns (n_docs, n_tokens).
     """
     bin_path, idx_path = token_file_paths(path_prefix)
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
     offsets = array.array("q", [0])
-    tmp_paths = []
-    try:
-        fd, tmp_bin = tempfile.mkstemp(dir=bin_path.parent, prefix=f".{bin_path.name}.", suffix=".part")
-        tmp_paths.append(tmp_bin)
-        with os.fdopen(fd, "wb") as f:
-            for doc_index, tokens in enumerate(docs_token_lists):
-                ids = _doc_array(doc_index, tokens)
-                f.write(ids.tobytes())
-                offsets.append(offsets[-1] + ids.size)
-            f.flush()
-            os.fsync(f.fileno())
-        fd, tmp_idx = tempfile.mkstemp(dir=idx_path.parent, prefix=f".{idx_path.name}.", suffix=".part")
-        tmp_paths.append(tmp_idx)
-        with os.fdopen(fd, "wb") as f:
-            f.write(np.frombuffer(offsets, dtype=np.int64).astype(IDX_DTYPE).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        # .bin first: a crash in between leaves an .idx whose last offset disagrees with the .bin (TokenFile rejects it).
-        os.replace(tmp_bin, bin_path)
-        os.replace(tmp_idx, idx_path)
-    finally:
-        for tmp in tmp_paths:
-            pathlib.Path(tmp).unlink(missing_ok=True)
+    # The inner .bin is renamed first: a crash before the .idx's rename leaves an .idx whose last offset
+    # disagrees with the .bin (TokenFile rejects it).
+    with atomic_open(idx_path) as idx_file, atomic_open(bin_path) as bin_file:
+        for doc_index, tokens in enumerate(docs_token_lists):
+            ids = _doc_array(doc_index, tokens)
+            bin_file.write(ids.tobytes())
+            offsets.append(offsets[-1] + ids.size)
+        idx_file.write(np.frombuffer(offsets, dtype=np.int64).astype(IDX_DTYPE).tobytes())
     return len(offsets) - 1, offsets[-1]
 
 
@@ -172,7 +161,6 @@ def _memmap(path: pathlib.Path, dtype: np.dtype) -> np.ndarray:
 
 def _encode_main(text: str) -> list[int]:
     """GPT-2 token ids of `text` (a top-level function, so process pools can pickle it)."""
-    from lm_human_preferences.language.encodings import get_encoding
     return get_encoding("main").encode(text)
 
 
@@ -182,9 +170,6 @@ def encode_texts(texts: Iterable[str], *, workers: int = 1, window: int = 2048) 
     if workers == 1:
         yield from map(_encode_main, texts)
         return
-    import itertools
-    import multiprocessing
-
     iterator = iter(texts)
     with multiprocessing.Pool(workers) as pool:
         # Fixed-size windows keep memory bounded (Pool.imap would read the whole input ahead).
@@ -198,8 +183,6 @@ def write_prepared_texts(path_prefix: str | os.PathLike, texts: Iterable[str], *
 
     Returns (n_docs, n_tokens).
     """
-    from tqdm import tqdm
-
     with tqdm(total=total, unit="doc", desc=desc or pathlib.Path(path_prefix).name) as bar:
         def counted(docs):
             for doc in docs:

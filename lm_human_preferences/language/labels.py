@@ -1,4 +1,4 @@
-"""Human label files: where they are, their schema per label type, loading and validation (ORIGINAL §8).
+"""Human label files: where they are, loading and validation against their label type's schema (ORIGINAL §8).
 
 A label file is a JSON list of records. For `best_of_4` a record is
 `{"query": [query_length ids], "sample0".."sample3": [response_length ids], "best": 0..3}`; queries are raw
@@ -13,9 +13,11 @@ import json
 import math
 import numbers
 import os
-import re
 
 import numpy as np
+
+from lm_human_preferences import label_types
+from lm_human_preferences.utils.download import fetch
 
 LABELS_BASE_URL = "https://openaipublic.blob.core.windows.net/lm-human-preferences/labels"
 # '<task>/<file>' -> URL; num_train: 4,992 for the offline_5k files, 46,000 for online_45k (launch.py).
@@ -32,28 +34,11 @@ LABEL_URLS = {
 }
 TEST_SOURCE = "test"
 TEST_NUM_RECORDS = 50
-FIELD_KINDS = ("query", "response", "int", "float")
-VALID_LABEL_TYPES = "best_of_N (N >= 1, e.g. best_of_4), scalar_rating, scalar_compare"
-_BEST_OF = re.compile(r"best_of_(\d+)")
 
 
 def label_schema(label_type: str) -> dict[str, str]:
-    """Field -> kind ('query', 'response', 'int' or 'float') of a record of `label_type`."""
-    match = _BEST_OF.fullmatch(label_type)
-    if match and int(match.group(1)) >= 1:
-        n = int(match.group(1))
-        return {"query": "query", **{f"sample{i}": "response" for i in range(n)}, "best": "int"}
-    if label_type == "scalar_rating":
-        return {"query": "query", "sample": "response", "score": "float"}
-    if label_type == "scalar_compare":
-        return {"query": "query", "sample0": "response", "sample1": "response", "difference": "float"}
-    raise ValueError(f"unknown label type {label_type!r}: valid types are {VALID_LABEL_TYPES}")
-
-
-def _num_choices(label_type: str) -> int | None:
-    """N of best_of_N (the valid range of `best` is [0, N)), else None."""
-    match = _BEST_OF.fullmatch(label_type)
-    return int(match.group(1)) if match else None
+    """Field -> kind ('query', 'response', 'int' or 'float') of a record of `label_type`; ValueError if unknown."""
+    return label_types.get_label_type(label_type).field_kinds()
 
 
 def _token_lengths(query_length: int, response_length: int) -> dict[str, tuple[int, str]]:
@@ -72,8 +57,6 @@ def zero_records(label_type: str, *, query_length: int, response_length: int) ->
 
 def read_label_file(source: str | os.PathLike) -> list:
     """The parsed JSON of a label file (URL via the download cache, or local path)."""
-    from lm_human_preferences.utils.download import fetch
-
     path = fetch(source)
     try:
         with open(path, encoding="utf-8") as f:
@@ -92,7 +75,7 @@ def _is_int(value) -> bool:
 
 
 def _check_record(index: int, record, schema: dict[str, str], lengths: dict[str, tuple[int, str]],
-                  num_choices: int | None, source: str) -> None:
+                  num_responses: int, source: str) -> None:
     """ValueError naming the record index and field unless `record` matches the schema (ids checked later)."""
     where = f"label source {source!r}, record {index}"
     if not isinstance(record, dict):
@@ -114,8 +97,8 @@ def _check_record(index: int, record, schema: dict[str, str], lengths: dict[str,
         elif kind == "int":
             if not _is_int(value):
                 raise ValueError(f"{where}, field {field!r}: expected an integer, got {value!r}")
-            if num_choices is not None and not 0 <= value < num_choices:
-                raise ValueError(f"{where}, field {field!r}: {value} is out of range [0, {num_choices})")
+            if not 0 <= value < num_responses:  # an 'int' field is the index of a response
+                raise ValueError(f"{where}, field {field!r}: {value} is out of range [0, {num_responses})")
         elif kind == "float":
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{where}, field {field!r}: expected a finite number, got {value!r}")
@@ -147,9 +130,9 @@ def records_to_arrays(records: list, label_type: str, *, query_length: int, resp
     """Validate label records and stack them: token fields int64 [n, len], 'int' int64 [n], 'float' float32 [n]."""
     schema = label_schema(label_type)
     lengths = _token_lengths(query_length, response_length)
-    num_choices = _num_choices(label_type)
+    num_responses = label_types.get_label_type(label_type).num_responses
     for index, record in enumerate(records):
-        _check_record(index, record, schema, lengths, num_choices, source)
+        _check_record(index, record, schema, lengths, num_responses, source)
     arrays = {}
     for field, kind in schema.items():
         if kind in lengths:

@@ -9,18 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from lm_human_preferences.language.model import GPT2, GPT2Config, test_config
+from lm_human_preferences.utils.ckpt import CheckpointError, atomic_save_tensors, atomic_write_bytes, load_tensors
 
 # Where `initial_model` names such as '124M' are looked up: $LMHP_MODELS_DIR, else the repo's saved_models/.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "saved_models"
 OPENAI_MODEL_NAMES = ("124M", "355M", "774M", "1558M")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
+read_state_dict = load_tensors  # the old name, still imported by tests/test_sample_cli.py
 
 
 def models_dir() -> Path:
@@ -100,19 +96,8 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, *, allow_missing_
 def save_model_dir(out_dir, config: GPT2Config, state_dict: dict):
     """Writes model.safetensors + hparams.json atomically into out_dir."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".model.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
-    _fsync_replace(tmp, out_dir / "model.safetensors")
-    tmp = out_dir / ".hparams.json.tmp"
-    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    _fsync_replace(tmp, out_dir / "hparams.json")
-
-
-def _fsync_replace(tmp: Path, dest: Path):
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
+    atomic_save_tensors(out_dir / "model.safetensors", state_dict)
+    atomic_write_bytes(out_dir / "hparams.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
 
 
 def resolve_model_dir(initial_model: str) -> Path:
@@ -139,16 +124,6 @@ def read_model_config(model_dir) -> GPT2Config:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-run prepare_pytorch_checkpoint.py") from e
 
 
-def read_state_dict(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {path} is missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({e}); re-create it") from e
-
-
 def load_model(initial_model: str, scalar_heads=(), n_vocab: int | None = None, device="cpu") -> GPT2:
     """A GPT-2 with `scalar_heads` from a prepared directory or name; 'test' gives the original's random test model.
 
@@ -163,7 +138,7 @@ def load_model(initial_model: str, scalar_heads=(), n_vocab: int | None = None, 
             raise CheckpointError(f"model {initial_model!r} has n_vocab={config.n_vocab} but the encoding has "
                                   f"{n_vocab} tokens; use the matching encoding or model")
         model = GPT2(config, scalar_heads)
-        sd = read_state_dict(model_dir / "model.safetensors")
+        sd = load_tensors(model_dir / "model.safetensors")
         # heads the caller did not ask for (a policy's value head when loading a reward model) are dropped
         sd = {k: v for k, v in sd.items() if not k.startswith("heads.") or k.split(".")[1] in scalar_heads}
         check_state_dict(model, sd)

@@ -1,10 +1,10 @@
-"""Run directories, atomic file writes and full-state checkpoint directories.
+"""Run directories, atomic file writes, safetensors reading and full-state checkpoint directories.
 
-Every file is written to a temporary name, flushed, fsynced and renamed, so a crash or a full disk never leaves a
-half-written file under a real name. A checkpoint is a directory `step-<N>` that is first assembled as
-`step-<N>.tmp` and renamed when complete; readers only ever look at complete ones. Nothing here unpickles
-arbitrary objects: tensors go through safetensors, small state through JSON, optimizer state through
-`torch.save` read back with `weights_only=True`.
+Every file the project writes goes through `atomic_open`: a temporary name in the same directory, flushed,
+fsynced and renamed, so a crash or a full disk never leaves a half-written file under a real name. A checkpoint
+is a directory `step-<N>` that is first assembled as `step-<N>.tmp` and renamed when complete; readers only ever
+look at complete ones. Nothing here unpickles arbitrary objects: tensors go through safetensors, small state
+through JSON, optimizer state through `torch.save` read back with `weights_only=True`.
 
 A run directory is never modified by a new run unless the user asked (`--resume` continues it, `--overwrite`
 deletes it first); every check of user input happens before the first write (`input_errors` marks that phase).
@@ -17,10 +17,14 @@ import os
 import pickle
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+
+from lm_human_preferences.utils import dist
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 # What the training commands write into a run directory; any of them present means a run exists there.
@@ -32,6 +36,10 @@ class InputError(ValueError):
     """A user input (setting, file, directory) that cannot work, found before the run wrote anything."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
+
+
 class CheckpointSaveError(OSError):
     """Writing a checkpoint failed (e.g. a full disk); the previous complete checkpoint is untouched."""
 
@@ -40,6 +48,7 @@ class CheckpointSaveError(OSError):
 def input_errors():
     """Re-raises the errors of bad user input (bad values, missing/corrupt files, an existing run) as InputError,
     with the same message; wrap every check that runs before a run writes its first file."""
+    # not at module level: download.py writes through this module's atomic_open (download -> ckpt -> download)
     from lm_human_preferences.utils.download import DownloadError
     try:
         yield
@@ -54,7 +63,6 @@ def input_errors():
 def validated_inputs(device):
     """`input_errors` on every rank, then one agreement: if any rank rejected its inputs, every rank raises
     (no rank is left waiting in a collective), and no rank starts writing before all ranks have checked."""
-    from lm_human_preferences.utils import dist
     error = None
     try:
         with input_errors():
@@ -81,14 +89,16 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-def atomic_write_bytes(path, data: bytes):
-    """Writes `data` to `path` via a temporary file (flush, fsync, rename); on failure `path` is unchanged."""
+@contextlib.contextmanager
+def atomic_open(path):
+    """A binary file to write `path` through: a temporary file in the same directory, flushed, fsynced and renamed
+    over `path` when the block ends; if the block raises, `path` is unchanged and the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with open(tmp, "xb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -96,6 +106,12 @@ def atomic_write_bytes(path, data: bytes):
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Writes `data` to `path` through `atomic_open`; on failure `path` is unchanged."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path, obj):
@@ -136,9 +152,14 @@ def replace_dir(tmp: Path, final: Path):
 # ---- safe loading ------------------------------------------------------------------------------------------
 
 def load_tensors(path) -> dict:
-    """The tensors of a safetensors file; CheckpointError (a ValueError) naming it if missing or corrupt."""
-    from lm_human_preferences.language.trained_models import read_state_dict
-    return read_state_dict(path)
+    """The tensors of a safetensors file; FileNotFoundError if missing, CheckpointError naming it if corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({e}); re-create it") from e
 
 
 def torch_load_safe(path):
@@ -157,11 +178,6 @@ def torch_load_safe(path):
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"{path} is truncated or not a checkpoint file of this project ({e}); delete this "
                          f"checkpoint and resume from an earlier one") from e
-
-
-def load_checkpoint_tensors(path) -> dict:
-    """The tensors of a checkpoint's safetensors file."""
-    return load_file(str(path))
 
 
 # ---- checkpoint directories --------------------------------------------------------------------------------

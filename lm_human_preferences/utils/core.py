@@ -1,10 +1,10 @@
-"""Small pure helpers shared across the port: integer division, logprobs/entropy, whitening, top-k/top-p,
-indexing, GELU, the label SampleBuffer and the population statistics used by reward normalization.
+"""Small pure helpers shared across the port: exact division, logprobs/entropy, whitening, top-k/top-p, Pearson r
+and the label SampleBuffer; `cumulative_max`, `index_each` and `gelu` reproduce the original's functions of those
+names, which tests/reference/utils_fns.npz checks.
 
 Everything here is tensors in, tensors out (numpy for the CPU-resident SampleBuffer): no I/O, no process group.
 Numerics follow ORIGINAL §13.2: float32 logprobs/entropy even under autocast, population variance.
 """
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -19,11 +19,6 @@ def exact_div(a: int, b: int) -> int:
     if a != q * b:
         raise ValueError(f"Inexact division: {a} / {b} = {a / b}; choose sizes where {b} divides {a}")
     return q
-
-
-def ceil_div(a: int, b: int) -> int:
-    """Smallest integer >= a / b (for positive b)."""
-    return (a - 1) // b + 1
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -76,12 +71,16 @@ def take_top_p_logits(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def cumulative_max(x: torch.Tensor) -> torch.Tensor:
-    """Inclusive cumulative maximum along the last axis."""
+    """Inclusive cumulative maximum along the last axis.
+
+    Reproduces the original's utils/core.py cumulative_max; kept because tests/reference checks it."""
     return torch.cummax(x, dim=-1).values
 
 
 def index_each(a: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
-    """Batched lookup into axis 1: out[i, ...] = a[i, ix[i, ...]] (a is (B, N, ...), ix is (B,) or (B, ...))."""
+    """Batched lookup into axis 1: out[i, ...] = a[i, ix[i, ...]] (a is (B, N, ...), ix is (B,) or (B, ...)).
+
+    Reproduces the original's utils/core.py index_each; kept because tests/reference checks it."""
     if a.shape[0] != ix.shape[0]:
         raise ValueError(f"index_each needs matching batch sizes, got a {tuple(a.shape)} and ix {tuple(ix.shape)}")
     i0 = torch.arange(a.shape[0], device=a.device).reshape((-1,) + (1,) * (ix.dim() - 1))
@@ -89,30 +88,10 @@ def index_each(a: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh-approximate GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    """GPT-2's tanh-approximate GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    Reproduces the original's language/model.py gelu; kept because tests/reference checks it."""
     return F.gelu(x, approximate="tanh")
-
-
-def mean_and_std_population(sum_x, sum_x2, n):
-    """(mean, std) from the sums of x and x^2 over n samples, population std: sqrt(E[x^2] - E[x]^2).
-
-    Works on floats or tensors; the sums may already be all-reduced over ranks (n is then the global count).
-    """
-    mean = sum_x / n
-    var = sum_x2 / n - mean ** 2
-    std = torch.sqrt(var) if isinstance(var, torch.Tensor) else math.sqrt(var)
-    return mean, std
-
-
-def normalization_gain_bias(mean: float, std: float, target_mean: float, target_std: float) -> Tuple[float, float]:
-    """Gain and bias mapping rewards distributed as (mean, std) to (target_mean, target_std) (ORIGINAL §9.2)."""
-    mean, std = float(mean), float(std)
-    gain = target_std / std if std != 0 else math.inf
-    bias = target_mean - gain * mean
-    if not (math.isfinite(gain) and math.isfinite(bias)):
-        raise ValueError(f"reward normalization gave non-finite gain {gain} / bias {bias} from mean {mean}, "
-                         f"std {std}; the sampled rewards are constant or non-finite, sample more or check the model")
-    return gain, bias
 
 
 def pearson_r(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

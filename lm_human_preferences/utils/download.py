@@ -13,13 +13,14 @@ import os
 import pathlib
 import socket
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
 from tqdm import tqdm
+
+from lm_human_preferences.utils.ckpt import atomic_open, atomic_write_bytes
 
 CHUNK_BYTES = 1 << 20
 POLL_SECONDS = 0.5
@@ -87,9 +88,8 @@ def _show_progress(progress: bool, total: int | None) -> bool:
     return progress and (sys.stderr.isatty() or total is not None)
 
 
-def _fetch_once(url: str, tmp: pathlib.Path, *, sha256: str | None, size: int | None,
-                timeout: float, progress: bool) -> None:
-    """One attempt: stream `url` into `tmp` (fsynced) and verify length, size and sha256."""
+def _fetch_once(url: str, f, *, sha256: str | None, size: int | None, timeout: float, progress: bool) -> None:
+    """One attempt: stream `url` into the binary file `f` and verify length, size and sha256."""
     digest = hashlib.sha256()
     received = 0
     try:
@@ -98,16 +98,13 @@ def _fetch_once(url: str, tmp: pathlib.Path, *, sha256: str | None, size: int | 
             expected_length = int(length_header) if length_header is not None else None
             total = size if size is not None else expected_length
             name = pathlib.Path(urllib.parse.urlsplit(url).path).name
-            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                            desc=name, disable=not _show_progress(progress, total),
-                                            leave=False) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+                      disable=not _show_progress(progress, total), leave=False) as bar:
                 for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
                     f.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-                f.flush()
-                os.fsync(f.fileno())
     except urllib.error.HTTPError as e:
         if e.code >= 500 or e.code == 429:
             raise _RetryableError(f"HTTP {e.code} {e.reason}") from e
@@ -128,20 +125,6 @@ def _fetch_once(url: str, tmp: pathlib.Path, *, sha256: str | None, size: int | 
         raise _RetryableError(f"sha256 mismatch: expected {sha256.lower()}, got {actual}")
 
 
-def _fsync_dir(directory: pathlib.Path) -> None:
-    """Persist a rename in `directory` (best effort; not every platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, size: int | None = None,
              retries: int = 4, backoff: float = 1.0, timeout: float = 60,
              progress: bool = True) -> pathlib.Path:
@@ -154,21 +137,14 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
     dest = pathlib.Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     failures = []
     for attempt in range(retries + 1):
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        os.close(fd)
-        tmp = pathlib.Path(tmp_name)
         try:
-            _fetch_once(url, tmp, sha256=sha256, size=size, timeout=timeout, progress=progress)
-            os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
+            with atomic_open(dest) as f:  # a failed attempt leaves `dest` as it was
+                _fetch_once(url, f, sha256=sha256, size=size, timeout=timeout, progress=progress)
             return dest
         except _RetryableError as e:
             failures.append(f"attempt {attempt + 1}: {e}")
-        finally:
-            tmp.unlink(missing_ok=True)
         if attempt < retries:
             time.sleep(backoff * 2 ** attempt)
     raise DownloadError(f"downloading {url} failed after {retries + 1} attempts:\n  " + "\n  ".join(failures))
@@ -266,5 +242,5 @@ def fetch(url_or_path: str | os.PathLike, *, sha256: str | None = None, size: in
         ok.unlink(missing_ok=True)
         download(url, path, sha256=sha256, size=size)
         digest = sha256.lower() if sha256 is not None else file_sha256(path)
-    ok.write_text(digest + "\n")
+    atomic_write_bytes(ok, (digest + "\n").encode())
     return path

@@ -18,7 +18,7 @@ from lm_human_preferences.language.datasets import TokenFile, make_query
 from lm_human_preferences.language.encodings import get_encoding
 from lm_human_preferences.utils.download import DownloadError
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 ENC = get_encoding("main")
 DOT = ENC.encode_single_token(".")
 

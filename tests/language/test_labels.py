@@ -11,7 +11,7 @@ import pytest
 from lm_human_preferences.language import labels
 from lm_human_preferences.language.labels import LABEL_URLS, label_schema, load_labels
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 QLEN, RLEN, N_VOCAB, PAD = 5, 3, 50257, 50259
 SIZES = dict(query_length=QLEN, response_length=RLEN, n_vocab=N_VOCAB, padding_token=PAD)
 
@@ -45,7 +45,7 @@ def test_label_schemas():
     assert label_schema("scalar_rating") == {"query": "query", "sample": "response", "score": "float"}
     assert label_schema("scalar_compare") == {"query": "query", "sample0": "response", "sample1": "response",
                                               "difference": "float"}
-    for bad in ("best_of_x", "best_of_0", "pairwise"):
+    for bad in ("best_of_x", "best_of_0", "best_of_1", "pairwise"):
         with pytest.raises(ValueError, match="valid types are best_of_N.*scalar_rating, scalar_compare"):
             label_schema(bad)
 

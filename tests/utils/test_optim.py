@@ -8,7 +8,7 @@ import torch
 
 from lm_human_preferences.utils.optim import TFAdam
 
-REF = Path(__file__).parent / "reference"
+REF = Path(__file__).parents[1] / "reference"
 B1, B2, EPS = 0.9, 0.999, 1e-5
 # Shift-invariant under best_of_N (a common shift of all logits): their true gradient is exactly 0, and the
 # recorded values are float noise from a separate gradient evaluation, so their deltas are checked for size only.

@@ -242,7 +242,7 @@ def test_two_processes_download_once(server, tmp_path):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LMHP_DOWNLOAD_TIMEOUT="60")
         procs.append(subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      cwd=pathlib.Path(__file__).resolve().parents[1]))
+                                      cwd=pathlib.Path(__file__).resolve().parents[2]))
     outputs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert outputs[0][0] == outputs[1][0] == f"{dl.cache_path(url, tmp_path)}\n"
