@@ -29,9 +29,9 @@ same outputs under autocast, half their memory). On CUDA the script also times t
     python benchmarks/ppo_iteration.py --size test --json out.json
 """
 import argparse
+import copy
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -48,17 +48,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a fresh clone without installing the package
 
 import params as experiments  # noqa: E402
-from lm_human_preferences import ppo  # noqa: E402
-from lm_human_preferences.language.fused import store_linears_in  # noqa: E402
+from lm_human_preferences import ppo, runs  # noqa: E402
+from lm_human_preferences.language.encodings import get_encoding  # noqa: E402
 from lm_human_preferences.language.model import GPT2, GPT2Config  # noqa: E402
 from lm_human_preferences.lm_tasks import penalized_scores, postprocess_responses, responses_valid  # noqa: E402
-from lm_human_preferences.policy import Policy  # noqa: E402
 from lm_human_preferences.rewards import RewardModel  # noqa: E402
-from lm_human_preferences.train_policy import ppo_train  # noqa: E402
+from lm_human_preferences.train_policy import PPOTrainer  # noqa: E402
 from lm_human_preferences.utils import dist  # noqa: E402
 from lm_human_preferences.utils.alloc import keep_freed_memory  # noqa: E402
 from lm_human_preferences.utils.core import entropy_from_logits, logprobs_from_logits  # noqa: E402
-from lm_human_preferences.utils.optim import TFAdam  # noqa: E402
+from lm_human_preferences.utils.training import seed_rank  # noqa: E402
 from lm_human_preferences.utils.precision import choose_precision, cpu_has_native_bf16  # noqa: E402
 
 GB = 1e9
@@ -67,7 +66,7 @@ PHASE_LABELS = {"sampling": "sampling", "score": "ref+score", "update": "update 
 # model shapes; the task shapes and PPO settings always come from the sentiment experiment
 MODEL_SIZES = {
     "124M": GPT2Config(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
-    "test": GPT2Config(n_vocab=128, n_ctx=96, n_embd=32, n_head=2, n_layer=2),
+    "test": GPT2Config(n_vocab=27, n_ctx=96, n_embd=32, n_head=2, n_layer=2),
 }
 BASELINES = {
     "sampling": ("hf_generate", "nocache"),
@@ -95,6 +94,8 @@ class Setting:
     kl_coef: float
     ppo_hp: object  # PpoHParams of the sentiment experiment
     padding_token: int
+    hp: object  # the whole TrainPolicyHParams of the sentiment experiment, with this batch
+    enc: object  # the encoding of the model's vocabulary (its padding token; samples are never printed)
 
     @property
     def seq_len(self):
@@ -107,6 +108,7 @@ def sentiment_setting(size: str, batch: int | None) -> Setting:
         raise ValueError(f"unknown --size {size!r}; use one of {', '.join(MODEL_SIZES)}")
     hp = experiments.get_hparams("train_policy", "sentiment")
     task, config = hp.task, MODEL_SIZES[size]
+    enc = get_encoding("main" if config.n_vocab == get_encoding("main").n_vocab else "test")
     if task.query_length + task.response_length > config.n_ctx:
         raise ValueError(f"model size {size!r} has n_ctx={config.n_ctx} < the task's {task.query_length} + "
                          f"{task.response_length} tokens")
@@ -117,7 +119,7 @@ def sentiment_setting(size: str, batch: int | None) -> Setting:
     return Setting(config=config, batch=batch, query_length=task.query_length, response_length=task.response_length,
                    temperature=task.policy.temperature, truncate_token=task.truncate_token,
                    truncate_after=task.truncate_after, penalty=task.penalty_reward_value, kl_coef=hp.rewards.kl_coef,
-                   ppo_hp=hp.ppo, padding_token=config.n_vocab + 2)
+                   ppo_hp=hp.ppo, padding_token=enc.padding_token, hp=hp, enc=enc)
 
 
 def random_gpt2(config: GPT2Config, heads, seed: int, device) -> GPT2:
@@ -126,20 +128,20 @@ def random_gpt2(config: GPT2Config, heads, seed: int, device) -> GPT2:
     return GPT2(config, heads).to(device)
 
 
-def build_ours(s: Setting, seed: int, device, precision: str):
-    """Policy, frozen reference policy (same initial weights) and frozen reward model, as train_policy builds them;
-    under bf16 the frozen models keep their Linear layers in bfloat16 (the same outputs, half the memory)."""
-    policy = Policy(random_gpt2(s.config, ["value"], seed, device), temperature=s.temperature,
-                    padding_token=s.padding_token).eval()
-    ref_policy = Policy(random_gpt2(s.config, ["value"], seed, device), temperature=s.temperature,
-                        padding_token=s.padding_token).eval().requires_grad_(False)
+def build_ours(s: Setting, seed: int, device, precision: str, compiled: bool = False) -> PPOTrainer:
+    """train_policy's PPOTrainer for one rank, on random models (the baselines' weights) instead of loaded ones:
+    policy and frozen reference policy with the same initial weights, and a frozen reward model."""
+    hp = copy.deepcopy(s.hp)
+    hp.run.precision, hp.run.compile, hp.run.seed = precision, compiled, seed
+    hp.run.rollout_micro_batch = hp.run.train_micro_batch = None
+    task, enc = hp.task, s.enc
+    policy = runs.make_policy(random_gpt2(s.config, ["value"], seed, device), task, enc, [], [], frozen=False)
+    ref_policy = runs.make_policy(random_gpt2(s.config, ["value"], seed, device), task, enc, [], [], frozen=True)
     reward_model = RewardModel(random_gpt2(s.config, ["reward"], seed + 1, device),
-                               padding_token=s.padding_token).eval().requires_grad_(False)
-    if precision == "bf16":
-        for frozen in (ref_policy.model, reward_model.model):
-            store_linears_in(frozen, torch.bfloat16)
-    optimizer = TFAdam(policy.parameters(), lr=s.ppo_hp.lr, eps=1e-5)
-    return dict(policy=policy, ref_policy=ref_policy, reward_model=reward_model, optimizer=optimizer)
+                               padding_token=enc.padding_token).eval().requires_grad_(False)
+    np_rng, generator = seed_rank(seed, 0, device)
+    return PPOTrainer(hp, dist.DistInfo(device=device), score_model=reward_model, ref_policy=ref_policy,
+                      policy=policy, sampler=None, enc=enc, precision=precision, np_rng=np_rng, generator=generator)
 
 
 def make_inputs(s: Setting, seed: int, device):
@@ -310,47 +312,31 @@ def summarize(times, peaks, flops, tokens, rate):
 
 # ---- ours ------------------------------------------------------------------------------------------------
 
-def our_iteration(models, s: Setting, queries, orders, *, precision, device, generator, mark):
-    """One PPO iteration with the project's code: PPOTrainer.rollout's calls, then PPOTrainer.step's."""
-    policy, ref_policy, reward_model = models["policy"], models["ref_policy"], models["reward_model"]
-    with dist.autocast(device, precision):
-        out = policy.respond(queries, s.response_length, generator=generator)
-    mark("sampling")
-    with torch.no_grad(), dist.autocast(device, precision):
-        ref = ref_policy(queries, out["responses"], with_entropy=False)
-        post = postprocess_responses(out["responses"], s.truncate_token, s.truncate_after, s.padding_token)
-        raw = reward_model(queries, post)
-    valid = responses_valid(post, s.truncate_token, s.truncate_after)
-    scores = penalized_scores(raw.float(), valid, s.penalty)
-    rewards, non_score_reward, _ = ppo.compute_rewards(scores, out["logprobs"], ref["logprobs"], s.kl_coef)
-    mark("score")
-    rollouts = dict(queries=queries, responses=out["responses"], logprobs=out["logprobs"], values=out["values"],
-                    rewards=rewards)
-    train_stats = ppo_train(policy, models["optimizer"], rollouts, orders, ppo_hp=s.ppo_hp, lr=s.ppo_hp.lr,
-                            nminibatches=s.ppo_hp.nminibatches, n_groups=1, micro_batch=None, device=device,
-                            precision=precision)
-    stats = ppo.step_stats(logprobs=out["logprobs"], ref_logprobs=ref["logprobs"], non_score_reward=non_score_reward,
-                           scores=scores, kl_coef=s.kl_coef, train_stats=train_stats,
-                           reduce_fn=lambda st: dist.all_reduce_mean_tensors(st, device))
-    stats = {k: float(v) for k, v in stats.items()}  # the device sync PPOTrainer.step does
-    if not all(math.isfinite(v) for v in stats.values()):
-        raise FloatingPointError(f"a PPO statistic is not finite: {stats}")
-    mark("update")
+class OurIteration:
+    """One PPO iteration of train_policy's own PPOTrainer on fixed queries: `trainer.rollout` (sampling, then the
+    reference policy, postprocessing and the reward model) and `trainer.update` (per-token rewards, 4 epochs of
+    PPO, statistics, the KL controller). The end of sampling is marked from inside the rollout by timing the
+    policy's `respond`."""
 
+    def __init__(self, s: Setting, precision, device, seed: int, compiled=False):
+        self.trainer = build_ours(s, seed, device, precision, compiled)
+        self.queries, _ = make_inputs(s, seed, device)
+        self.mark = None
+        respond = self.trainer.policy.respond
 
-def ours_contender(s: Setting, precision, device, seed: int, compiled=False):
-    """Builds our models (the baselines' seed) and returns fn(mark) running one of our iterations."""
-    models = build_ours(s, seed, device, precision)
-    if compiled:  # as train_policy does with run.compile, for every model
-        for module in (models["policy"].model, models["ref_policy"].model, models["reward_model"].model):
-            module.forward = torch.compile(module.forward)
-    queries, orders = make_inputs(s, seed, device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+        def respond_then_mark(*args, **kwargs):
+            out = respond(*args, **kwargs)
+            self.mark("sampling")
+            return out
 
-    def iteration(mark):
-        our_iteration(models, s, queries, orders, precision=precision, device=device, generator=generator, mark=mark)
+        self.trainer.policy.respond = respond_then_mark
 
-    return iteration
+    def __call__(self, mark):
+        self.mark = mark
+        data = self.trainer.rollout(self.queries)
+        mark("score")
+        self.trainer.update(self.queries, data)  # ends with the statistics' device sync, as in training
+        mark("update")
 
 
 # ---- baselines -------------------------------------------------------------------------------------------
@@ -609,7 +595,7 @@ def sentiment_projection(device, precision, args) -> dict:
     """Seconds per iteration at the sentiment experiment's real per-rank batch on one device, and the wall time
     of its total episodes at that rate (sampling, scoring and PPO only; no logging or checkpoints)."""
     s = sentiment_setting(args.size, None)
-    times = run_interleaved({"ours": ours_contender(s, precision, device, args.seed)}, warmup=args.warmup,
+    times = run_interleaved({"ours": OurIteration(s, precision, device, args.seed)}, warmup=args.warmup,
                             repeats=args.repeats, device=device)["ours"]
     gc.collect()
     per_iter = statistics.median(times["iteration"])
@@ -637,7 +623,7 @@ def memory_probe_main(args):
     device = dist.resolve_device(args.device)
     mem = PeakMemory(device)
     s = sentiment_setting(args.size, args.batch)
-    peaks = run_peaks(ours_contender(s, args.memory_probe, device, args.seed), runs=1, mem=mem)
+    peaks = run_peaks(OurIteration(s, args.memory_probe, device, args.seed), runs=1, mem=mem)
     print(json.dumps({"peaks": peaks, "resettable": mem.resettable}))
 
 
@@ -699,9 +685,9 @@ def main(argv=None):
     for prec in precisions:
         probe = probe_memory(args, prec)
         resettable &= probe["resettable"]
-        contenders = {"ours": ours_contender(s, prec, device, args.seed)}
+        contenders = {"ours": OurIteration(s, prec, device, args.seed)}
         if args.compile:
-            contenders["ours_compiled"] = ours_contender(s, prec, device, args.seed, compiled=True)
+            contenders["ours_compiled"] = OurIteration(s, prec, device, args.seed, compiled=True)
         if not args.no_baselines:
             contenders.update(baseline_contenders(s, prec, device, args.seed))
         times = run_interleaved(contenders, warmup=args.warmup, repeats=args.repeats, device=device)

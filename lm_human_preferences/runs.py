@@ -28,6 +28,7 @@ from lm_human_preferences.lm_tasks import penalized_scores, postprocess_response
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel
 from lm_human_preferences.utils import ckpt, dist
+from lm_human_preferences.utils.files import replace_dir
 from lm_human_preferences.utils.hyperparams import HParamsError, with_resolved
 from lm_human_preferences.utils.training import chunks
 
@@ -72,6 +73,14 @@ class RunDir:
         return [self.policy, self.reward_model, self.reward_model_tmp, self.policy_metrics, self.reward_metrics,
                 self.policy_hparams, self.reward_hparams]
 
+    def check_new_or(self, *, resume: bool, overwrite: bool):
+        """FileExistsError if a run is already here and neither --resume nor --overwrite was given."""
+        found = [p.name for p in self.outputs() if p.exists()]
+        if found and not resume and not overwrite:
+            raise FileExistsError(f"run directory {self.path} already holds a run ({', '.join(found)}); rerun with "
+                                  f"--resume to continue it, --overwrite to delete it and start over, or choose "
+                                  f"another run name")
+
     def reward_model_complete(self) -> bool:
         """Whether a finished reward model is here."""
         return all((self.reward_model / f).is_file() for f in (MODEL_FILE, CONFIG_FILE, ENCODING_FILE))
@@ -100,10 +109,11 @@ def open_run(hp, run_dir: Optional[RunDir], *, resume: bool, overwrite: bool, pr
         hp.check_world_size(dist.env_info(hp.run.device).world_size)
     info = dist.init_distributed(hp.run.device)
     with ckpt.validated_inputs(info.device):
-        ckpt.check_run_dir(run_dir.path if run_dir else None, resume=resume, overwrite=overwrite)
+        if run_dir is not None:
+            run_dir.check_new_or(resume=resume, overwrite=overwrite)
         prepared = prepare(info)
-    if overwrite and info.is_main and run_dir is not None:
-        ckpt.clear_run_dir(run_dir.path)
+    if overwrite and info.is_main and run_dir is not None and run_dir.path.exists():
+        shutil.rmtree(run_dir.path)  # --overwrite, after every input check passed
     dist.barrier()
     return info, prepared
 
@@ -168,7 +178,7 @@ def save_reward_model(run_dir: RunDir, reward_model: RewardModel, hp, enc_name: 
     ckpt.atomic_save_tensors(tmp / MODEL_FILE, sd)
     ckpt.atomic_write_json(tmp / CONFIG_FILE, reward_model.model.config.to_dict())
     ckpt.atomic_write_json(tmp / ENCODING_FILE, enc_name)
-    ckpt.replace_dir(tmp, run_dir.reward_model)
+    replace_dir(tmp, run_dir.reward_model)
 
 
 def load_reward_model(path: Optional[str], *, n_vocab: int, padding_token: int, device="cpu") -> RewardModel:

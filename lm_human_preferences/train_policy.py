@@ -19,6 +19,7 @@ from tqdm import tqdm
 from lm_human_preferences import ppo, runs, train_reward
 from lm_human_preferences.hparams import TrainPolicyHParams
 from lm_human_preferences.language.datasets import QuerySampler
+from lm_human_preferences.language.fused import store_linears_in
 from lm_human_preferences.runs import RunDir
 from lm_human_preferences.utils import ckpt, dist
 from lm_human_preferences.utils.logging import Logger, format_stats
@@ -94,6 +95,9 @@ class PPOTrainer:
         self.hp, self.info, self.enc, self.precision = hp, info, enc, precision
         self.score_model, self.ref_policy, self.policy, self.sampler = score_model, ref_policy, policy, sampler
         self.np_rng, self.generator = np_rng, generator
+        if precision == "bf16":  # the frozen models only run under autocast: the same outputs in half the memory
+            for frozen in (ref_policy.model, score_model.model):
+                store_linears_in(frozen, torch.bfloat16)
         self.ddp_policy = wrap_ddp(policy, info.device)
         if hp.run.compile:
             policy.model.forward = torch.compile(policy.model.forward)
@@ -373,7 +377,7 @@ def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
             ckpt.truncate_metrics(run_dir.policy_metrics, trainer.global_step)
             runs.write_policy_metadata(run_dir, hp, trainer.policy, runs.encoding_name(hp.task.policy.initial_model),
                                        info.device)
-    logger = Logger(is_main=info.is_main, save_dir=run_dir.path if run_dir else None, name="train_policy",
+    logger = Logger(is_main=info.is_main, metrics_path=run_dir.policy_metrics if run_dir else None,
                     config=hp.to_nested_dict(), wandb_setting=hp.run.wandb, wandb_project=hp.run.wandb_project,
                     run_name=run_dir.path.name if run_dir else None, wandb_id=wandb_id)
     ckpt_root = run_dir.checkpoints if run_dir else None

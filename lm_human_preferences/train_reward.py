@@ -204,7 +204,7 @@ def run(trainer: RewardTrainer):
         hp.dump()
         if run_dir is not None:  # records of an earlier, unfinished attempt
             ckpt.truncate_metrics(run_dir.reward_metrics, 0)
-    logger = Logger(is_main=info.is_main, save_dir=run_dir.path if run_dir else None, name="train_reward",
+    logger = Logger(is_main=info.is_main, metrics_path=run_dir.reward_metrics if run_dir else None,
                     config=hp.to_nested_dict(), wandb_setting=hp.run.wandb, wandb_project=hp.run.wandb_project,
                     run_name=run_dir.path.name + "/reward" if run_dir else None)
     t0 = time.time()

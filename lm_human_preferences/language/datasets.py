@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lm_human_preferences.language.encodings import get_encoding
-from lm_human_preferences.utils.ckpt import atomic_open
+from lm_human_preferences.utils.files import atomic_open
 
 BIN_DTYPE = np.dtype("<u2")
 IDX_DTYPE = np.dtype("<i8")

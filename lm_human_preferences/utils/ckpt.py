@@ -1,7 +1,7 @@
 """Run directories, atomic file writes, safetensors reading and full-state checkpoint directories.
 
-Every file the project writes goes through `atomic_open`: a temporary name in the same directory, flushed,
-fsynced and renamed, so a crash or a full disk never leaves a half-written file under a real name. A checkpoint
+Every file the project writes goes through `files.atomic_open` (a temporary name in the same directory, flushed,
+fsynced and renamed), so a crash or a full disk never leaves a half-written file under a real name. A checkpoint
 is a directory `step-<N>` that is first assembled as `step-<N>.tmp` and renamed when complete; readers only ever
 look at complete ones. Nothing here unpickles arbitrary objects: tensors go through safetensors, small state
 through JSON, optimizer state through `torch.save` read back with `weights_only=True`.
@@ -13,11 +13,9 @@ import contextlib
 import errno
 import io
 import json
-import os
 import pickle
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -25,11 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from lm_human_preferences.utils import dist
+from lm_human_preferences.utils.download import DownloadError
+from lm_human_preferences.utils.files import atomic_write_bytes, replace_dir
 
 STEP_RE = re.compile(r"^step-(\d+)$")
-# What the training commands write into a run directory; any of them present means a run exists there.
-RUN_OUTPUTS = ("policy", "reward_model", "reward_model.tmp", "train_policy_metrics.jsonl",
-               "train_reward_metrics.jsonl", "train_policy_hparams.json", "train_reward_hparams.json")
 
 
 class InputError(ValueError):
@@ -48,8 +45,6 @@ class CheckpointSaveError(OSError):
 def input_errors():
     """Re-raises the errors of bad user input (bad values, missing/corrupt files, an existing run) as InputError,
     with the same message; wrap every check that runs before a run writes its first file."""
-    # not at module level: download.py writes through this module's atomic_open (download -> ckpt -> download)
-    from lm_human_preferences.utils.download import DownloadError
     try:
         yield
     except InputError:
@@ -75,45 +70,6 @@ def validated_inputs(device):
 
 # ---- atomic files ------------------------------------------------------------------------------------------
 
-def _fsync_dir(path: Path):
-    """fsync a directory so a rename inside it is durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_open(path):
-    """A binary file to write `path` through: a temporary file in the same directory, flushed, fsynced and renamed
-    over `path` when the block ends; if the block raises, `path` is unchanged and the temporary file is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path, data: bytes):
-    """Writes `data` to `path` through `atomic_open`; on failure `path` is unchanged."""
-    with atomic_open(path) as f:
-        f.write(data)
-
-
 def atomic_write_json(path, obj):
     """JSON (sorted keys, indented) written atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
@@ -129,24 +85,6 @@ def atomic_torch_save(path, obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def replace_dir(tmp: Path, final: Path):
-    """Moves the complete directory `tmp` to `final`; an existing `final` is removed only after the move."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        if old.exists() and not final.exists():
-            os.replace(old, final)  # put the previous version back
-        raise
-    _fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- safe loading ------------------------------------------------------------------------------------------
@@ -247,30 +185,6 @@ def save_error(step: int, root, error: OSError) -> CheckpointSaveError:
 
 
 # ---- run directories ---------------------------------------------------------------------------------------
-
-def existing_outputs(save_dir) -> list:
-    """The names of RUN_OUTPUTS already present in `save_dir` (empty if it does not exist)."""
-    if save_dir is None:
-        return []
-    return [name for name in RUN_OUTPUTS if (Path(save_dir) / name).exists()]
-
-
-def check_run_dir(save_dir, *, resume: bool, overwrite: bool) -> list:
-    """FileExistsError if `save_dir` already holds a run and neither --resume nor --overwrite was given;
-    returns the outputs found."""
-    found = existing_outputs(save_dir)
-    if found and not resume and not overwrite:
-        raise FileExistsError(f"run directory {save_dir} already holds a run ({', '.join(found)}); rerun with "
-                              f"--resume to continue it, --overwrite to delete it and start over, or choose "
-                              f"another run name")
-    return found
-
-
-def clear_run_dir(save_dir):
-    """Deletes the run directory `save_dir` (for --overwrite, after every input check passed)."""
-    if save_dir is not None and Path(save_dir).exists():
-        shutil.rmtree(save_dir)
-
 
 def truncate_metrics(path, below_step: int):
     """Rewrites a metrics JSONL file keeping only whole records with step < below_step (a resumed run appends

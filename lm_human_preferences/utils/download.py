@@ -20,7 +20,7 @@ import urllib.request
 
 from tqdm import tqdm
 
-from lm_human_preferences.utils.ckpt import atomic_open, atomic_write_bytes
+from lm_human_preferences.utils.files import atomic_open, atomic_write_bytes
 
 CHUNK_BYTES = 1 << 20
 POLL_SECONDS = 0.5

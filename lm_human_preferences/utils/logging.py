@@ -21,9 +21,10 @@ def wandb_mode(setting: str) -> str:
 
 
 class Logger:
-    """Writes metrics to `<save_dir>/<name>_metrics.jsonl` and to wandb; a no-op on ranks other than 0."""
+    """Appends metrics to the JSONL file `metrics_path` (one object per step) and logs them to wandb (its files
+    under the metrics file's directory); a no-op on ranks other than 0."""
 
-    def __init__(self, *, is_main: bool, save_dir, name: str, config: dict, wandb_setting="auto",
+    def __init__(self, *, is_main: bool, metrics_path, config: dict, wandb_setting="auto",
                  wandb_project="lm-human-preferences", run_name=None, wandb_id=None):
         self.is_main = is_main
         self.wandb_run = None
@@ -31,9 +32,9 @@ class Logger:
         self.wandb_id = wandb_id
         if not is_main:
             return
-        if save_dir is not None:
-            Path(save_dir).mkdir(parents=True, exist_ok=True)
-            self.metrics_path = Path(save_dir) / f"{name}_metrics.jsonl"
+        if metrics_path is not None:
+            self.metrics_path = Path(metrics_path)
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         mode = wandb_mode(wandb_setting)
         if mode != "disabled":
             try:
@@ -41,7 +42,7 @@ class Logger:
             except ImportError:
                 print("wandb is not installed; logging only to the local metrics file", file=sys.stderr)
             else:
-                wandb_dir = Path(save_dir) if save_dir else None
+                wandb_dir = self.metrics_path.parent if self.metrics_path else None
                 self.wandb_run = wandb.init(project=wandb_project, name=run_name, config=config, mode=mode,
                                             dir=str(wandb_dir) if wandb_dir else None, id=wandb_id,
                                             resume="allow" if wandb_id else None, reinit="create_new")

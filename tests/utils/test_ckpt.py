@@ -1,24 +1,9 @@
-"""utils/ckpt.py's one atomic writer and its safetensors reader (checkpoint directories and resume are tested
+"""utils/ckpt.py's safetensors reader (checkpoint directories and resume are tested
 end to end in tests/test_resume.py and tests/test_faults.py)."""
 import pytest
 import torch
 
 from lm_human_preferences.utils import ckpt
-
-
-def test_atomic_open_replaces_only_when_the_block_completes(tmp_path):
-    path = tmp_path / "sub" / "data.bin"
-    with ckpt.atomic_open(path) as f:
-        f.write(b"first")
-        assert not path.exists()  # nothing under the real name while writing
-    assert path.read_bytes() == b"first"
-
-    with pytest.raises(RuntimeError, match="interrupted"):
-        with ckpt.atomic_open(path) as f:
-            f.write(b"second, half written")
-            raise RuntimeError("interrupted")
-    assert path.read_bytes() == b"first"
-    assert [p.name for p in path.parent.iterdir()] == ["data.bin"]  # no temporary file left
 
 
 def test_load_tensors_round_trip_and_errors(tmp_path):
