@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lm_human_preferences.utils import optim
 from lm_human_preferences.utils.optim import TFAdam
 
 REF = Path(__file__).parents[1] / "reference"
@@ -169,3 +170,23 @@ def test_rejects_bad_hyperparameters():
         TFAdam(p, betas=(1.0, 0.999))
     with pytest.raises(ValueError, match="eps"):
         TFAdam(p, eps=-1e-5)
+
+
+def test_chunked_tf_adam_is_bit_for_bit_the_unchunked_update(monkeypatch):
+    torch.manual_seed(0)
+    shapes = [(300, 7), (7,), (5, 4, 3), (1000,)]
+    start = [torch.randn(s) for s in shapes] + [torch.randn(6, 4).t()]  # a non-contiguous param stays whole
+    grads = [[torch.randn(x.shape) * 10.0 ** -k for x in start] for k in range(3)]
+    results = []
+    for chunk in (1 << 40, 64):
+        monkeypatch.setattr(optim, "CPU_CHUNK", chunk)
+        params = [torch.nn.Parameter(x.clone()) for x in start[:-1]] + [torch.nn.Parameter(start[-1].clone().t().t())]
+        assert not params[-1].is_contiguous()
+        opt = optim.TFAdam(params, lr=1e-2)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -14,7 +14,7 @@ from lm_human_preferences.runs import load_reward_model
 from lm_human_preferences.utils import ckpt
 from lm_human_preferences.utils.logging import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def reward_hp(tmp_path, **overrides):

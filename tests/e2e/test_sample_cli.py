@@ -16,7 +16,7 @@ from lm_human_preferences.lm_tasks import postprocess_responses
 from lm_human_preferences.runs import load_reward_model
 from lm_human_preferences.utils.ckpt import latest_checkpoint
 
-LAUNCH = pathlib.Path(__file__).resolve().parents[1] / 'launch.py'
+LAUNCH = pathlib.Path(__file__).resolve().parents[2] / 'launch.py'
 RECORD_KEYS = {'query', 'response', 'raw_response', 'score', 'query_tokens', 'response_tokens'}
 
 
