@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lm_human_preferences.language import fused
+from lm_human_preferences.utils.core import gelu
 
 MASK_VALUE = -1e10  # the original's additive mask: w*b - 1e10*(1-b)
 
@@ -130,7 +130,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return fused.linear(F.gelu(fused.linear(x, self.c_fc), approximate="tanh"), self.c_proj)
+        return fused.linear(gelu(fused.linear(x, self.c_fc)), self.c_proj)
 
 
 class Block(nn.Module):

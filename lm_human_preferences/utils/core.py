@@ -90,7 +90,7 @@ def index_each(a: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's tanh-approximate GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-    Reproduces the original's language/model.py gelu; kept because tests/reference checks it."""
+    The original's language/model.py gelu (tests/reference checks it); the model's MLP uses it."""
     return F.gelu(x, approximate="tanh")
 
 
