@@ -207,8 +207,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sample.main(run_dir=run_dir, temperature=args.temperature, nsamples=args.nsamples,
                         batch_size=args.batch_size, seed=args.seed, score=args.score, out=args.out)
         else:
+            from lm_human_preferences import runs
             from lm_human_preferences.utils import plotting
-            plotting.plot_run(run_dir, args.out)
+            run = runs.RunDir(run_dir)
+            plotting.plot_run(run_dir, {'policy': run.policy_metrics, 'reward': run.reward_metrics},
+                              args.out if args.out is not None else run.path / 'plots')
         return 0
     except (UsageError, HParamsError) as e:
         print(f'error: {e}', file=sys.stderr)

@@ -146,7 +146,8 @@ def test_sample_plot_and_demo_dispatch(launch_module, monkeypatch, tmp_path):
     assert sample.calls == [((), dict(run_dir=str(tmp_path), temperature=0.7, nsamples=6, batch_size=4, seed=None,
                                       score=False, out='samples.json'))]
     assert launch_module.main(['plot', str(tmp_path), '--out', 'figs']) == 0
-    assert plotting.calls == [((str(tmp_path), 'figs'), {})]
+    metrics = {'policy': tmp_path / 'train_policy_metrics.jsonl', 'reward': tmp_path / 'train_reward_metrics.jsonl'}
+    assert plotting.calls == [((str(tmp_path), metrics, 'figs'), {})]
     assert launch_module.main(['demo', '--fast', '--out', 'static/demo']) == 3
     assert demo.calls == [((['--fast', '--out', 'static/demo'],), {})]
 

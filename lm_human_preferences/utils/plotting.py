@@ -1,28 +1,30 @@
-"""Curves of a run as PNG pictures, from its local metrics files: `python launch.py plot <run_dir>`.
+"""Training curves as PNG pictures: the primitives `launch.py plot` and the demo's report draw with.
 
-Reads `<run_dir>/train_policy_metrics.jsonl` and `<run_dir>/train_reward_metrics.jsonl` (one JSON object per line
-with "step" and the statistics, see utils/logging.py); a run still being written is fine, its torn last line is
-skipped. Drawing uses matplotlib's Agg canvas directly, so no display and no pyplot global state are involved.
+Metrics are the rows of a local metrics file (one JSON object per line with "step" and the statistics, see
+utils/logging.py); a run still being written is fine, its torn last line is skipped. Drawing uses matplotlib's Agg
+canvas directly, so no display and no pyplot global state are involved.
 """
 import math
 import re
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from lm_human_preferences.utils.hyperparams import HParamsError
 from lm_human_preferences.utils.logging import read_metrics
 
-POLICY_METRICS_FILE = "train_policy_metrics.jsonl"
-REWARD_METRICS_FILE = "train_reward_metrics.jsonl"
-# (metrics file, statistic) pairs that plot_run draws, one PNG each
+# (metrics source, statistic) pairs that plot_run draws, one PNG each; sources: 'policy' (train_policy's
+# metrics), 'reward' (train_reward's)
 RUN_CURVES: Tuple[Tuple[str, str], ...] = (
-    (POLICY_METRICS_FILE, "objective/score"),
-    (POLICY_METRICS_FILE, "objective/kl"),
-    (POLICY_METRICS_FILE, "objective/kl_coef"),
-    (POLICY_METRICS_FILE, "ppo/returns/mean"),
-    (REWARD_METRICS_FILE, "train_reward/minibatch/loss"),
+    ("policy", "objective/score"),
+    ("policy", "objective/kl"),
+    ("policy", "objective/kl_coef"),
+    ("policy", "ppo/returns/mean"),
+    ("reward", "train_reward/minibatch/loss"),
 )
-PLOTS_DIR = "plots"
 
 
 class PlotError(HParamsError):
@@ -31,9 +33,10 @@ class PlotError(HParamsError):
 
 
 def curve(rows: Iterable[dict], key: str) -> Tuple[List[float], List[float]]:
-    """(steps, values) of the rows that hold `key`; non-finite values logged as strings ('nan', 'inf') become
-    floats, rows whose value or step is not a number are left out."""
-    steps, values = [], []
+    """(steps, values) of the rows that hold `key`, in step order, keeping the last row of each step (a resumed run
+    logs some steps twice); non-finite values logged as strings ('nan', 'inf') become floats, rows whose value or
+    step is not a number are left out."""
+    by_step = {}
     for row in rows:
         if key not in row or "step" not in row:
             continue
@@ -41,14 +44,59 @@ def curve(rows: Iterable[dict], key: str) -> Tuple[List[float], List[float]]:
             step, value = float(row["step"]), float(row[key])
         except (TypeError, ValueError):
             continue
-        steps.append(step)
-        values.append(value)
-    return steps, values
+        by_step[step] = value
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
 
 
 def file_name(key: str) -> str:
     """A file name for statistic `key`: 'objective/kl_coef' -> 'objective_kl_coef.png'."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_") + ".png"
+
+
+def figure(size: Tuple[float, float]) -> Figure:
+    """A matplotlib Figure of `size` inches on the Agg canvas, with constrained layout."""
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing mean over the last `window` values (fewer at the start); same length as `values`."""
+    values = np.asarray(values, dtype=np.float64)
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(0, idx - window)
+    return (sums[idx] - sums[lo]) / (idx - lo)
+
+
+def draw_curve(ax, steps, values, *, ylabel: str, xlabel: Optional[str] = None, title: Optional[str] = None,
+               smooth: int = 0, hline: Optional[float] = None, hline_label: Optional[str] = None,
+               vlines: Sequence[float] = (), vline_label: Optional[str] = None):
+    """One curve on `ax`: the values (markers when there are at most 30), with a trailing moving average of
+    `smooth` values when smooth > 1, optional horizontal and vertical reference lines; a note when there are no
+    values."""
+    if not steps:
+        ax.text(0.5, 0.5, f"no values of {ylabel}", ha="center", va="center", transform=ax.transAxes)
+    elif smooth > 1:
+        ax.plot(steps, values, linewidth=0.8, color="tab:blue", alpha=0.35)
+        ax.plot(steps, moving_average(values, smooth), linewidth=1.6, color="tab:blue",
+                label=f"moving average of {smooth}")
+    else:
+        ax.plot(steps, values, linewidth=1.4, color="tab:blue", marker="o" if len(steps) <= 30 else None,
+                markersize=3)
+    for i, x in enumerate(vlines):
+        ax.axvline(x, color="0.5", linestyle=":", linewidth=1.0, label=vline_label if i == 0 else None)
+    if hline is not None:
+        ax.axhline(hline, color="tab:red", linestyle="--", linewidth=1.0, label=hline_label)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
+    if title is not None:
+        ax.set_title(title, fontsize=10)
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
 
 
 def plot_curves(rows: Sequence[dict], keys: Sequence[str], out_path, title: str) -> Path:
@@ -57,23 +105,14 @@ def plot_curves(rows: Sequence[dict], keys: Sequence[str], out_path, title: str)
 
     A key that no row holds gets an empty panel saying so; ValueError if `keys` is empty.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     keys = list(keys)
     if not keys:
         raise ValueError("plot_curves needs at least one statistic name in keys")
-    fig = Figure(figsize=(7, 2.6 * len(keys) + 0.6), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure((7, 2.6 * len(keys) + 0.6))
     axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
     for ax, key in zip(axes, keys):
         steps, values = curve(rows, key)
-        if steps:
-            ax.plot(steps, values, marker="o" if len(steps) <= 30 else None, markersize=3, linewidth=1.2)
-        else:
-            ax.text(0.5, 0.5, f"no values of {key}", ha="center", va="center", transform=ax.transAxes)
-        ax.set_ylabel(key)
-        ax.grid(True, alpha=0.3)
+        draw_curve(ax, steps, values, ylabel=key)
     axes[-1].set_xlabel("step")
     fig.suptitle(title)
     out_path = Path(out_path)
@@ -87,27 +126,28 @@ def _has_finite(rows: Sequence[dict], key: str) -> bool:
     return any(math.isfinite(v) for v in curve(rows, key)[1])
 
 
-def plot_run(run_dir, out: Optional[str] = None) -> List[Path]:
+def plot_run(run_dir, metrics: Dict[str, Path], out_dir) -> List[Path]:
     """Writes one PNG per curve of RUN_CURVES (objective/score, objective/kl, objective/kl_coef, ppo/returns/mean
-    and the reward-model loss train_reward/minibatch/loss) into `out` (default `<run_dir>/plots`); returns the
-    paths. Statistics not logged (yet) are skipped with a note; PlotError if the run has no metrics file or
+    and the reward-model loss train_reward/minibatch/loss) into `out_dir`; returns the paths.
+
+    `metrics` maps each source of RUN_CURVES ('policy', 'reward') to its metrics file in `run_dir` (named in titles
+    and messages). Statistics not logged (yet) are skipped with a note; PlotError if the run has no metrics file or
     nothing to draw.
     """
-    run_dir = Path(run_dir)
-    files = {name: run_dir / name for name in (POLICY_METRICS_FILE, REWARD_METRICS_FILE)}
+    run_dir, files = Path(run_dir), {source: Path(path) for source, path in metrics.items()}
     if not any(path.is_file() for path in files.values()):
-        raise PlotError(f"{run_dir} has no metrics file ({POLICY_METRICS_FILE} or {REWARD_METRICS_FILE}); "
+        raise PlotError(f"{run_dir} has no metrics file ({' or '.join(p.name for p in files.values())}); "
                         f"pass the directory of a train_policy or train_reward run (<save_dir>/<name>)")
-    rows = {name: read_metrics(path) if path.is_file() else None for name, path in files.items()}
-    out_dir = Path(out) if out is not None else run_dir / PLOTS_DIR
+    rows = {source: read_metrics(path) if path.is_file() else None for source, path in files.items()}
+    out_dir = Path(out_dir)
     written = []
-    for name, key in RUN_CURVES:
-        if rows[name] is None:
-            print(f"note: {files[name]} does not exist; skipping {key}")
-        elif not _has_finite(rows[name], key):
-            print(f"note: {files[name]} has no finite values of {key} yet; skipping it")
+    for source, key in RUN_CURVES:
+        if rows[source] is None:
+            print(f"note: {files[source]} does not exist; skipping {key}")
+        elif not _has_finite(rows[source], key):
+            print(f"note: {files[source]} has no finite values of {key} yet; skipping it")
         else:
-            path = plot_curves(rows[name], [key], out_dir / file_name(key), f"{run_dir.name}: {key}")
+            path = plot_curves(rows[source], [key], out_dir / file_name(key), f"{run_dir.name}: {key}")
             print(f"wrote {path}")
             written.append(path)
     if not written:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from lm_human_preferences.lm_tasks import postprocess_responses
+from lm_human_preferences import runs
 from lm_human_preferences.utils.ckpt import atomic_write_bytes
 
 NUM_SAMPLES = 4  # best_of_4
@@ -25,7 +25,7 @@ VADER_INSTALL_COMMAND = "pip install vaderSentiment"
 def make_labeler() -> Callable[[Sequence[str]], np.ndarray]:
     """A function texts -> VADER compound scores (float64 [n]); ImportError with the install command if missing."""
     try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # optional: the `demo` extra
     except ImportError as e:
         raise ImportError(f"the demo's labeler needs the vaderSentiment package: run `{VADER_INSTALL_COMMAND}` "
                           f"(or `pip install -e '.[demo]'`)") from e
@@ -57,17 +57,18 @@ def label_records(queries: torch.Tensor, samples: torch.Tensor, best: np.ndarray
     return records
 
 
-@torch.no_grad()
 def collect_labels(policy, sampler, enc, task, n_queries: int, labeler, generator: torch.Generator,
-                   rng: np.random.Generator, batch_size: int = 64) -> tuple[list[dict], np.ndarray]:
-    """Samples 4 responses for each of `n_queries` queries and labels them; returns (records, scores (n, 4))."""
+                   rng: np.random.Generator) -> tuple[list[dict], np.ndarray]:
+    """Samples 4 responses for each of `n_queries` queries and labels them; returns (records, scores (n, 4)).
+
+    Sampling and post-processing go through `runs.rollout` (float32, no reward model), a sampler batch at a time."""
     device = policy.prefix_tokens.device
     records, all_scores = [], []
     while len(records) < n_queries:
         queries = torch.as_tensor(sampler.next_batch(), device=device)[:n_queries - len(records)]  # (b, q)
         repeated = queries.repeat_interleave(NUM_SAMPLES, dim=0)  # (b*4, q)
-        responses = policy.respond(repeated, task.response_length, generator=generator)["responses"]
-        post = postprocess_responses(responses, task.truncate_token, task.truncate_after, enc.padding_token)
+        post = runs.rollout(policy, repeated, task, enc.padding_token, generator=generator,
+                            precision="fp32")["postprocessed"]  # (b*4, T)
         scores = labeler([enc.decode(row) for row in post.cpu().tolist()]).reshape(-1, NUM_SAMPLES)  # (b, 4)
         best = pick_best(scores, rng)
         records.extend(label_records(queries, post.reshape(len(queries), NUM_SAMPLES, -1), best))

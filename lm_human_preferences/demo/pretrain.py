@@ -69,7 +69,7 @@ def lm_loss(model: GPT2, windows: torch.Tensor, precision: str) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) of windows (B, n+1): inputs [:, :-1], targets [:, 1:].
 
     bf16: the logits come from a bf16 matmul under autocast (the fast setting where the CPU has native bfloat16);
-    fp32: from the model's own float32 LM head (its forward on the fastest kernel, language/kernels.py)."""
+    fp32: from the model's own float32 LM head (its forward on the fastest kernel, language/fused.py)."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
     if precision == "bf16":
         with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16):

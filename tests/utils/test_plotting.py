@@ -1,4 +1,5 @@
-"""plot_run / plot_curves on synthetic metrics files (the format utils/logging.py writes)."""
+"""utils/plotting.py: curve, plot_curves and plot_run on synthetic metrics files (the format utils/logging.py
+writes), and `launch.py plot`."""
 
 import json
 import pathlib
@@ -12,7 +13,7 @@ from lm_human_preferences.utils.logging import read_metrics
 POLICY_KEYS = ('objective/score', 'objective/kl', 'objective/kl_coef', 'ppo/returns/mean')
 ALL_PNGS = {'objective_score.png', 'objective_kl.png', 'objective_kl_coef.png', 'ppo_returns_mean.png',
             'train_reward_minibatch_loss.png'}
-LAUNCH = pathlib.Path(__file__).resolve().parents[1] / 'launch.py'
+LAUNCH = pathlib.Path(__file__).resolve().parents[2] / 'launch.py'
 
 
 def _write_rows(path, rows, torn_tail=None):
@@ -33,6 +34,12 @@ def _reward_rows():
             {'step': 5, 'train_reward/normalize_after/mean': 0.0}]
 
 
+def _plot_run(run_dir, out=None):
+    """plot_run on a run directory's two metrics files, into <run_dir>/plots unless `out` is given."""
+    metrics = {'policy': run_dir / 'train_policy_metrics.jsonl', 'reward': run_dir / 'train_reward_metrics.jsonl'}
+    return plotting.plot_run(run_dir, metrics, out if out is not None else run_dir / 'plots')
+
+
 def _assert_png(path):
     assert path.is_file() and path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     return matplotlib.image.imread(path).shape  # (height, width, channels)
@@ -41,7 +48,7 @@ def _assert_png(path):
 def test_plot_run_writes_every_curve(tmp_path, capsys):
     _write_rows(tmp_path / 'train_policy_metrics.jsonl', _policy_rows(12))
     _write_rows(tmp_path / 'train_reward_metrics.jsonl', _reward_rows())
-    written = plotting.plot_run(tmp_path)
+    written = _plot_run(tmp_path)
     assert {p.name for p in written} == ALL_PNGS
     assert all(p.parent == tmp_path / 'plots' for p in written)
     out = capsys.readouterr().out
@@ -54,7 +61,7 @@ def test_plot_run_writes_every_curve(tmp_path, capsys):
 def test_out_dir_and_running_run_with_torn_last_line(tmp_path, capsys):
     path = tmp_path / 'train_policy_metrics.jsonl'
     _write_rows(path, _policy_rows(3), torn_tail='{"step": 3, "objective/sc')
-    written = plotting.plot_run(tmp_path, str(tmp_path / 'figs'))
+    written = _plot_run(tmp_path, str(tmp_path / 'figs'))
     assert {p.name for p in written} == ALL_PNGS - {'train_reward_minibatch_loss.png'}
     assert all(p.parent == tmp_path / 'figs' for p in written)
     out = capsys.readouterr().out
@@ -64,7 +71,7 @@ def test_out_dir_and_running_run_with_torn_last_line(tmp_path, capsys):
 
 def test_missing_metric_is_skipped_with_a_note(tmp_path, capsys):
     _write_rows(tmp_path / 'train_policy_metrics.jsonl', _policy_rows(4, keys=('objective/score',)))
-    written = plotting.plot_run(tmp_path)
+    written = _plot_run(tmp_path)
     assert [p.name for p in written] == ['objective_score.png']
     out = capsys.readouterr().out
     for key in ('objective/kl', 'objective/kl_coef', 'ppo/returns/mean'):
@@ -73,19 +80,19 @@ def test_missing_metric_is_skipped_with_a_note(tmp_path, capsys):
 
 def test_reward_run_alone(tmp_path):
     _write_rows(tmp_path / 'train_reward_metrics.jsonl', _reward_rows())
-    assert [p.name for p in plotting.plot_run(tmp_path)] == ['train_reward_minibatch_loss.png']
+    assert [p.name for p in _plot_run(tmp_path)] == ['train_reward_minibatch_loss.png']
 
 
 def test_no_metrics_file_is_a_clear_error(tmp_path):
     with pytest.raises(plotting.PlotError, match='has no metrics file .*train_policy_metrics.jsonl'):
-        plotting.plot_run(tmp_path)
+        _plot_run(tmp_path)
     assert not (tmp_path / 'plots').exists()
 
 
 def test_nothing_logged_yet_is_a_clear_error(tmp_path):
     _write_rows(tmp_path / 'train_policy_metrics.jsonl', [], torn_tail='{"step": 0, "obj')
     with pytest.raises(plotting.PlotError, match='nothing to plot'):
-        plotting.plot_run(tmp_path)
+        _plot_run(tmp_path)
 
 
 def test_launch_plot_exit_status(tmp_path, monkeypatch, capsys):
@@ -103,6 +110,11 @@ def test_curve_reads_non_finite_strings_and_skips_other_rows():
             {'step': 4, 'a': 'text'}, {'a': 5.0}]
     steps, values = plotting.curve(rows, 'a')
     assert steps == [0.0, 1.0, 3.0] and values[0] == 1.0 and values[1] != values[1] and values[2] == float('inf')
+
+
+def test_curve_keeps_the_last_row_of_a_repeated_step():
+    rows = [{"step": 0, "k": 1.0}, {"step": 1, "k": 2.0}, {"step": 1, "k": 5.0}, {"step": 2, "other": 1.0}]
+    assert plotting.curve(rows, "k") == ([0.0, 1.0], [1.0, 5.0])
 
 
 def test_plot_curves_one_panel_per_key(tmp_path):

@@ -1,0 +1,76 @@
+"""`python launch.py demo`: the whole method, offline, on a CPU, with a programmatic labeler in place of humans.
+
+It runs the stages of demo/stages.py in order (each is cached under --cache_dir and skipped by a later run; an
+interrupted run resumes), then writes the plots and summary.json into --out and prints the numbers (demo/report.py).
+`--fast` is the reduced version the test runs (a smaller model, fewer steps).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from lm_human_preferences.demo import corpus, labeler
+from lm_human_preferences.demo.profiles import PROFILES, DemoPaths
+from lm_human_preferences.demo.report import format_report, write_report
+from lm_human_preferences.demo.stages import DemoContext, DemoInterrupted, run_stages
+from lm_human_preferences.utils.dist import resolve_device
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = REPO_ROOT / "static" / "demo"
+DEFAULT_CACHE = DEFAULT_OUT / "cache"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py demo", description="An offline RLHF experiment on the CPU: pretrain a small GPT-2 on "
+        "Debian's fortunes, label best-of-4 samples with VADER sentiment, train a reward model, run PPO, and "
+        "evaluate. Completed stages are cached; rerunning resumes.")
+    parser.add_argument("--fast", action="store_true",
+                        help="the reduced version the tests run (3 to 5 minutes on 2 cores, by CPU)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where plots and summary.json go (default: {DEFAULT_OUT.relative_to(REPO_ROOT)}, or "
+                             f"<cache_dir>/fast/report with --fast)")
+    parser.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE,
+                        help=f"stage cache (default: {DEFAULT_CACHE.relative_to(REPO_ROOT)})")
+    parser.add_argument("--corpus_dir", type=Path, default=corpus.FORTUNES_DIR,
+                        help=f"fortune files (default: {corpus.FORTUNES_DIR})")
+    parser.add_argument("--restart", action="store_true",
+                        help="run the labels, reward, policy and evaluation stages again (the corpus and the "
+                             "pretrained model stay cached)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the RLHF stages (default 1)")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    profile = PROFILES["fast" if args.fast else "full"]
+    if args.seed is not None:
+        profile = replace(profile, seed=args.seed)
+    cache_dir = args.cache_dir.expanduser().resolve()
+    out = (args.out or (cache_dir / profile.name / "report" if args.fast else DEFAULT_OUT)).expanduser().resolve()
+    paths = DemoPaths(work=cache_dir / profile.name, out=out)
+    try:
+        labeler.make_labeler()
+        corpus.fortune_files(args.corpus_dir)
+        device = resolve_device(args.device)
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ctx = DemoContext(profile=profile, paths=paths, corpus_dir=args.corpus_dir, device=device)
+    ctx.log(f"offline RLHF demo ({profile.name}); stage cache {paths.work}, outputs {paths.out}")
+    t0 = time.time()
+    try:
+        markers = run_stages(ctx, restart=args.restart)
+    except DemoInterrupted as e:
+        print(f"\n{e}. Completed stages are cached in {paths.work}; run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+    summary = write_report(ctx, markers)
+    ctx.log(format_report(summary, paths.out))
+    ctx.log(f"this run took {time.time() - t0:.0f}s")
+    return 0
