@@ -29,7 +29,10 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import params
+from lm_human_preferences import demo, runs, sample, train_policy, train_reward
+from lm_human_preferences.utils import dist, plotting
 from lm_human_preferences.utils.alloc import keep_freed_memory
+from lm_human_preferences.utils.ckpt import CheckpointSaveError, InputError
 from lm_human_preferences.utils.hyperparams import HParamsError
 
 TRAIN_COMMANDS = ('train_reward', 'train_policy')
@@ -162,17 +165,11 @@ def run_training(command: str, argv: Sequence[str]) -> int:
     if args.dry_run:
         print(f'{command} {args.experiment} {args.name}: dry run, resolved hyperparameters:')
         hparams.dump()
-        from lm_human_preferences.utils import dist
         resolved = dist.resolved_run_settings(hparams.run.precision, dist.resolve_device(hparams.run.device))
         print(f'on this machine: run.device {hparams.run.device} -> {resolved["run.device"]}, run.precision '
               f'{hparams.run.precision} -> {resolved["run.precision"]} ({resolved["run.precision_reason"]})')
         return 0
-    if command == 'train_reward':
-        from lm_human_preferences import train_reward as trainer
-    else:
-        from lm_human_preferences import train_policy as trainer
-    from lm_human_preferences.utils import dist
-    from lm_human_preferences.utils.ckpt import CheckpointSaveError, InputError
+    trainer = train_reward if command == 'train_reward' else train_policy
     try:
         trainer.train(hparams, resume=args.resume, overwrite=args.overwrite)
     except (InputError, HParamsError, FileExistsError) as e:  # the trainer's checks, before it writes anything
@@ -198,20 +195,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if argv and argv[0] in TRAIN_COMMANDS:
             return run_training(argv[0], argv[1:])
         if argv and argv[0] == 'demo':
-            from lm_human_preferences import demo
             return demo.main(argv[1:]) or 0
         args = build_parser().parse_args(argv)
         run_dir = _existing_dir(args.run_dir)
         if args.command == 'sample':
-            from lm_human_preferences import sample
             sample.main(run_dir=run_dir, temperature=args.temperature, nsamples=args.nsamples,
                         batch_size=args.batch_size, seed=args.seed, score=args.score, out=args.out)
         else:
-            from lm_human_preferences import runs
-            from lm_human_preferences.utils import plotting
             run = runs.RunDir(run_dir)
             plotting.plot_run(run_dir, {'policy': run.policy_metrics, 'reward': run.reward_metrics},
-                              args.out if args.out is not None else run.path / 'plots')
+                              args.out if args.out is not None else run.plots)
         return 0
     except (UsageError, HParamsError) as e:
         print(f'error: {e}', file=sys.stderr)

@@ -9,7 +9,7 @@ A run directory (`<save_dir>/<run name>`, `RunDir`):
     train_reward_hparams.json    train_reward_metrics.jsonl    reward_model/{model.safetensors, hparams.json, encoding}
     train_policy_hparams.json    train_policy_metrics.jsonl    policy/{hparams.json, encoding, checkpoints/step-N/{model.safetensors, optimizer.pt, state.json,
                                                          rng-rank<R>.pt, sampler-rank<R>.json}}
-    samples.jsonl                (written by `sample`)
+    samples.jsonl (written by `sample`)    plots/*.png (written by `plot`)
 """
 import json
 import shutil
@@ -22,12 +22,12 @@ import torch
 from lm_human_preferences.hparams import TrainPolicyHParams
 from lm_human_preferences.language.encodings import ENCODING_NAMES, get_encoding
 from lm_human_preferences.language.model import GPT2
-from lm_human_preferences.language.trained_models import (CheckpointError, check_state_dict, load_model,
-                                                          read_model_config)
+from lm_human_preferences.language.trained_models import check_state_dict, load_model, read_model_config
 from lm_human_preferences.lm_tasks import penalized_scores, postprocess_responses, responses_valid
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel
 from lm_human_preferences.utils import ckpt, dist
+from lm_human_preferences.utils.ckpt import CheckpointError
 from lm_human_preferences.utils.files import replace_dir
 from lm_human_preferences.utils.hyperparams import HParamsError, with_resolved
 from lm_human_preferences.utils.training import chunks
@@ -66,7 +66,8 @@ class RunDir:
     policy_metrics = property(lambda self: self.path / "train_policy_metrics.jsonl")
     policy = property(lambda self: self.path / "policy")
     checkpoints = property(lambda self: self.path / "policy" / "checkpoints")
-    samples = property(lambda self: self.path / "samples.jsonl")
+    samples = property(lambda self: self.path / "samples.jsonl")  # written by `sample`
+    plots = property(lambda self: self.path / "plots")  # written by `plot`
 
     def outputs(self) -> list:
         """Everything the training commands write here; any of them present means a run exists."""

@@ -63,10 +63,10 @@ def plot_demo(reward_metrics: Path, policy_metrics: Path, out_dir: Path, kl_targ
             if note:
                 ax.text(0.02, 0.04, spec["note"].format(note[-1]), transform=ax.transAxes, fontsize=9,
                         bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
-        fig.savefig(out_dir / spec["file"], dpi=110)
+        plotting.save(fig, out_dir / spec["file"], dpi=110)
         paths.append(out_dir / spec["file"])
     overview.suptitle("Offline RLHF demo: VADER-labelled best-of-4 comparisons -> reward model -> PPO")
-    overview.savefig(out_dir / "overview.png", dpi=100)
+    plotting.save(overview, out_dir / "overview.png", dpi=100)
     paths.append(out_dir / "overview.png")
     return paths
 
@@ -83,7 +83,7 @@ def plot_scores(initial: Sequence[float], final: Sequence[float], out_path: Path
     ax.set_title("Labeler score on held-out queries", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.savefig(out_path, dpi=110)
+    plotting.save(fig, out_path, dpi=110)
     return Path(out_path)
 
 

@@ -28,7 +28,7 @@ from lm_human_preferences.demo.profiles import (DemoPaths, DemoProfile, policy_h
 from lm_human_preferences.hparams import TrainPolicyHParams
 from lm_human_preferences.language.datasets import QuerySampler, TokenFile
 from lm_human_preferences.language.encodings import get_encoding
-from lm_human_preferences.language.trained_models import CheckpointError, load_model
+from lm_human_preferences.language.trained_models import load_model
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.utils import ckpt, plotting
 from lm_human_preferences.utils.logging import read_metrics
@@ -70,7 +70,7 @@ def run_pretrain(ctx: DemoContext) -> dict:
 
 
 def check_pretrained(paths: DemoPaths) -> None:
-    """Loads the cached pretrained model once; CheckpointError if it does not load."""
+    """Loads the cached pretrained model once; ckpt.CheckpointError if it does not load."""
     load_model(str(paths.pretrained), ["value"], n_vocab=get_encoding("main").n_vocab)
 
 
@@ -193,7 +193,7 @@ def run_stages(ctx: DemoContext, *, restart: bool = False) -> dict:
         if status.done and not rerun_from_here and stage == "pretrain":
             try:
                 check_pretrained(ctx.paths)
-            except (CheckpointError, OSError, ValueError) as e:
+            except (ckpt.CheckpointError, OSError, ValueError) as e:
                 status.done, status.reason = False, f"it does not load ({e})"
         if status.done and not rerun_from_here:
             ctx.log(f"[{i}/{len(STAGES)}] {stage}: cached ({status.marker['seconds']:.0f}s when it ran)")

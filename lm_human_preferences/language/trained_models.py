@@ -16,7 +16,6 @@ from lm_human_preferences.utils.ckpt import CheckpointError, atomic_save_tensors
 # Where `initial_model` names such as '124M' are looked up: $LMHP_MODELS_DIR, else the repo's saved_models/.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "saved_models"
 OPENAI_MODEL_NAMES = ("124M", "355M", "774M", "1558M")
-read_state_dict = load_tensors  # the old name, still imported by tests/test_sample_cli.py
 
 
 def models_dir() -> Path:

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lm_human_preferences.utils.files import atomic_open
 from lm_human_preferences.utils.hyperparams import HParamsError
 from lm_human_preferences.utils.logging import read_metrics
 
@@ -59,6 +60,13 @@ def figure(size: Tuple[float, float]) -> Figure:
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def save(fig: Figure, path, dpi: int) -> Path:
+    """Writes `fig` as a PNG to `path`, atomically (a crash never leaves half a picture)."""
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    return Path(path)
 
 
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
@@ -115,10 +123,7 @@ def plot_curves(rows: Sequence[dict], keys: Sequence[str], out_path, title: str)
         draw_curve(ax, steps, values, ylabel=key)
     axes[-1].set_xlabel("step")
     fig.suptitle(title)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    return out_path
+    return save(fig, out_path, dpi=100)
 
 
 def _has_finite(rows: Sequence[dict], key: str) -> bool:

@@ -11,10 +11,9 @@ import torch
 
 from lm_human_preferences import runs, sample
 from lm_human_preferences.language.encodings import get_encoding
-from lm_human_preferences.language.trained_models import read_state_dict
 from lm_human_preferences.lm_tasks import postprocess_responses
 from lm_human_preferences.runs import load_reward_model
-from lm_human_preferences.utils.ckpt import latest_checkpoint
+from lm_human_preferences.utils.ckpt import latest_checkpoint, load_tensors
 
 LAUNCH = pathlib.Path(__file__).resolve().parents[2] / 'launch.py'
 RECORD_KEYS = {'query', 'response', 'raw_response', 'score', 'query_tokens', 'response_tokens'}
@@ -140,7 +139,7 @@ def test_policy_is_the_latest_checkpoint(run_dir):
     enc = get_encoding('test')
     policy = runs.load_policy(runs.RunDir(run_dir), checkpoint, hp, enc, temperature=0.7, device=torch.device('cpu'))
     assert policy.temperature == 0.7
-    saved = read_state_dict(checkpoint / 'model.safetensors')
+    saved = load_tensors(checkpoint / 'model.safetensors')
     loaded = policy.model.state_dict()
     assert set(saved) == set(loaded)
     for name, tensor in saved.items():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lm_human_preferences.language.model import GPT2, GPT2Config, KVCache
-from lm_human_preferences.language.trained_models import (CheckpointError, load_model, save_model_dir,
-                                                          tf_to_state_dict)
+from lm_human_preferences.language.trained_models import load_model, save_model_dir, tf_to_state_dict
+from lm_human_preferences.utils.ckpt import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
 REF = ROOT / "tests" / "reference"
