@@ -360,7 +360,15 @@ def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
         with ckpt.validated_inputs(info.device):
             trainer = build_trainer(hp, info, str(run_dir.reward_model))
             state = trainer.load_checkpoint(latest) if latest is not None else None
+    return run(trainer, resumed_from=latest, state=state, resume=resume)
 
+
+def run(trainer: PPOTrainer, *, resumed_from=None, state=None, resume=False):
+    """PPO on a built trainer (restored from checkpoint `resumed_from` with its `state`), from its global_step to
+    the last update: log every update, checkpoint every run.save_interval updates and at the end; returns the run
+    directory."""
+    hp, info, latest = trainer.hp, trainer.info, resumed_from
+    run_dir = RunDir(hp.run.save_dir) if hp.run.save_dir else None
     wandb_id = state.get("wandb_id") if state else None
     if info.is_main:
         hp.dump()
