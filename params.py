@@ -4,7 +4,7 @@
 its value; :func:`get_hparams` applies one on top of the defaults of ``lm_human_preferences.hparams``, then
 the command-line overrides, and validates. Every policy experiment trains the same-named reward model
 first (``rewards.train_new_model.*``); to reuse a trained one instead, pass
-``--rewards.trained_model <run dir> --rewards.train_new_model off``.
+``--rewards.trained_model <run dir>/reward_model --rewards.train_new_model off``.
 
 Deviation from the original: cnndm and tldr bind ``ppo.whiten_rewards=False`` where the original bound the
 non-existent key ``rewards.whiten`` and crashed at launch (ORIGINAL §13.7).
