@@ -2,6 +2,7 @@
 """Prepare the books query corpus (sentiment and descriptiveness tasks, ORIGINAL §7.2) as token files.
 
     python datasets/books.py [--mode train|test] [--source hf|openai|URL|PATH] [--out DIR] [--max_docs N]
+                             [--hf_files PARQUET_GLOB]
 
 Writes `<out>/books_<mode>.bin/.idx` (format: lm_human_preferences/language/datasets.py), one document per
 passage in the source's order (the query sampler shuffles with seed 0, like the original generator).
@@ -9,18 +10,26 @@ passage in the source's order (the query sampler shuffles with seed 0, like the 
 OpenAI's `book_passages/{train,test}.jsonl` (one JSON string per line, a multi-sentence passage) were lost in
 the GCP-to-Azure migration (openai/lm-human-preferences#17): the URL answers HTTP 404. Sources:
 
-* `hf` (default): Hugging Face `bookcorpus` (needs `pip install datasets`). Its rows are single sentences,
-  lower-cased and tokenizer-spaced ("`` i want open fighting ... . ''"). Deviation from the original, by
-  design: consecutive rows are grouped into passages of `--sentences_per_passage` (default 8) sentences and
-  lightly detokenized (`detokenize`: quotes, and no space before punctuation or contractions), so that '.'
-  is GPT-2 token 13 again and the books task's start/end '.' trimming applies as in the original (a query
-  drops the first, usually partial, sentence and ends at a sentence end, 64 tokens at most). Passages may span
-  book boundaries. Test mode holds out the last `--test_fraction` (default 1%) of the passages
+* `hf` (default): Hugging Face `bookcorpus` (needs the `data` extra: `pip install -e .[data]`, datasets 5.x).
+  The Hub repository `bookcorpus/bookcorpus` still ships a loading script, which `datasets` refuses since 4.0, so
+  this reads the Parquet export the Hub made of it (branch `refs/convert/parquet`, config `plain_text`, one
+  string column `text`; the split folder is `train`, or `partial-train` where the Hub converted only the first
+  part of a large data set) with `datasets.load_dataset("parquet", data_files=...)`, in file order.
+  `--hf_files` takes other Parquet files with a `text` column (a local copy of those files, for one). Its rows
+  are single sentences, lower-cased and tokenizer-spaced ("`` i want open fighting ... . ''"). Deviation from
+  the original, by design: consecutive rows are grouped into passages of `--sentences_per_passage` (default 8)
+  sentences and lightly detokenized (`detokenize`: quotes, and no space before punctuation or contractions), so
+  that '.' is GPT-2 token 13 again and the books task's start/end '.' trimming applies as in the original (a
+  query drops the first, usually partial, sentence and ends at a sentence end, 64 tokens at most). Passages may
+  span book boundaries. Test mode holds out the last `--test_fraction` (default 1%) of the passages
   (contiguous, so mostly other books); train mode uses the rest.
 * `openai`, or any URL, or a path containing `{mode}`: a per-mode file in OpenAI's format, taken whole (it
   *is* the split). A JSON Lines file: each line a JSON string (OpenAI's format) or an object with "text".
 * a local `.jsonl` (as above) or `.txt` file (one passage per paragraph; paragraphs are separated by blank
   lines and their lines joined with spaces): split like `hf`, by the held-out fraction.
+
+A source that yields no text for the mode stops with exit status 2 and a one-line error, and leaves an existing
+prepared file as it was; so does an `--out` that is not a writable directory.
 """
 
 from __future__ import annotations
@@ -42,13 +51,14 @@ from lm_human_preferences.language import datasets as lm_datasets  # noqa: E402
 from lm_human_preferences.utils.download import DownloadError, fetch, is_url  # noqa: E402
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/lm-human-preferences/datasets/book_passages/{mode}.jsonl"
-HF_NAME = "bookcorpus"
+HF_FILES = "hf://datasets/bookcorpus/bookcorpus@refs%2Fconvert%2Fparquet/plain_text/*train/*.parquet"
+HF_COLUMN = "text"
 MODES = ("train", "test")
 SENTENCES_PER_PASSAGE = 8
 TEST_FRACTION = 0.01
 HF_READ_ROWS = 10_000
 LOST_HINT = ("OpenAI's book_passages were lost in the GCP-to-Azure migration (openai/lm-human-preferences#17, "
-             "ORIGINAL §7.2); use --source hf (Hugging Face bookcorpus, `pip install datasets`) or a local "
+             "ORIGINAL §7.2); use --source hf (Hugging Face bookcorpus, `pip install -e .[data]`) or a local "
              ".txt/.jsonl file of passages")
 # bookcorpus's tokenizer spacing, undone in this order.
 _DETOKENIZE_RULES = [
@@ -129,32 +139,48 @@ def read_passages(path: str | pathlib.Path) -> Iterator[str]:
 def fetch_per_mode_file(source: str) -> pathlib.Path:
     """Local path of a per-mode source file (URL or path); a 404 explains that book_passages are lost."""
     try:
-        return fetch(source)
+        return fetch(source, expect="text")
     except DownloadError as e:
         if "HTTP 404" in str(e):
             raise DownloadError(f"{source} was not found (HTTP 404): {LOST_HINT}") from e
         raise
 
 
-def hf_passages(mode: str, sentences_per_passage: int, test_fraction: float,
-                name: str = HF_NAME) -> tuple[Iterator[str], int]:
-    """(passages, count) of `mode`'s share of Hugging Face bookcorpus, grouped in order."""
+def load_hf_parquet(files: str):
+    """Hugging Face `datasets`' table of the Parquet files `files` (path, glob or hf:// URL), checked to have a
+    `text` column; ImportError/ValueError saying what to do otherwise."""
     try:
-        import datasets as hf_datasets
+        import datasets as hf_datasets  # optional: only --source hf needs it (the `data` extra)
     except ImportError:
         hf_datasets = None
     # Without the library, `import datasets` can find this folder (a namespace package) instead.
     if hf_datasets is None or not hasattr(hf_datasets, "load_dataset"):
-        raise ImportError("--source hf needs the Hugging Face `datasets` library: pip install datasets "
+        raise ImportError("--source hf needs the Hugging Face `datasets` library: pip install -e .[data] "
                           "(or pass --source PATH to a local .txt/.jsonl file of passages)")
-    corpus = hf_datasets.load_dataset(name, split="train")
+    try:
+        corpus = hf_datasets.load_dataset("parquet", data_files={"train": files}, split="train")
+    except Exception as e:  # noqa: BLE001 - network, Hub and file errors of a third-party loader, reported as one line
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"cannot read Hugging Face bookcorpus from {files!r} ({type(e).__name__}: {detail}): check "
+                         f"the network (or HF_ENDPOINT), or download the Parquet files and pass --hf_files "
+                         f"'DIR/*.parquet', or pass --source PATH to a local .txt/.jsonl file") from None
+    if HF_COLUMN not in corpus.column_names:
+        raise ValueError(f"the Parquet files {files!r} have columns {corpus.column_names}, not bookcorpus's "
+                         f"{HF_COLUMN!r}: pass --hf_files with files of one string column {HF_COLUMN!r}")
+    return corpus
+
+
+def hf_passages(mode: str, sentences_per_passage: int, test_fraction: float,
+                files: str = HF_FILES) -> tuple[Iterator[str], int]:
+    """(passages, count) of `mode`'s share of Hugging Face bookcorpus, grouped in order."""
+    corpus = load_hf_parquet(files)
     n_rows = len(corpus)
     passages = held_out_range(math.ceil(n_rows / sentences_per_passage), mode, test_fraction)
     rows = range(passages.start * sentences_per_passage, min(n_rows, passages.stop * sentences_per_passage))
 
     def sentences() -> Iterator[str]:
         for start in range(rows.start, rows.stop, HF_READ_ROWS):
-            yield from corpus[start:min(start + HF_READ_ROWS, rows.stop)]["text"]
+            yield from corpus[start:min(start + HF_READ_ROWS, rows.stop)][HF_COLUMN]
 
     return group_sentences(sentences(), sentences_per_passage), len(passages)
 
@@ -162,11 +188,13 @@ def hf_passages(mode: str, sentences_per_passage: int, test_fraction: float,
 def source_passages(args: argparse.Namespace) -> tuple[Iterator[str], int | None]:
     """(passages, count if known) of the requested mode from the requested source."""
     if args.source == "hf":
-        return hf_passages(args.mode, args.sentences_per_passage, args.test_fraction, args.hf_name)
+        return hf_passages(args.mode, args.sentences_per_passage, args.test_fraction, args.hf_files)
     source = OPENAI_URL if args.source == "openai" else args.source
     if "{mode}" in source or is_url(source):
         return read_passages(fetch_per_mode_file(source.replace("{mode}", args.mode))), None
-    path = fetch(source)
+    path = fetch(source, expect="text")
+    if not path.is_file():
+        raise ValueError(f"books source {source!r} is not a file: pass a .txt or .jsonl file of passages")
     n = sum(1 for _ in read_passages(path))
     selected = held_out_range(n, args.mode, args.test_fraction)
     return itertools.islice(read_passages(path), selected.start, selected.stop), len(selected)
@@ -182,7 +210,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="bookcorpus sentences per passage (--source hf)")
     parser.add_argument("--test_fraction", type=float, default=TEST_FRACTION,
                         help="held-out fraction for test mode (hf and single local files)")
-    parser.add_argument("--hf_name", default=HF_NAME, help="Hugging Face data set name (--source hf)")
+    parser.add_argument("--hf_files", default=HF_FILES,
+                        help="Parquet files (path, glob or hf:// URL) with a string column 'text', read for "
+                             "--source hf (default: the Hub's Parquet export of bookcorpus/bookcorpus)")
     parser.add_argument("--workers", type=int, default=1, help="processes for BPE encoding")
     return parser.parse_args(argv)
 
@@ -192,14 +222,18 @@ def main(argv: list[str] | None = None) -> tuple[int, int, int]:
     args = parse_args(argv)
     if args.max_docs is not None and args.max_docs < 1:
         raise ValueError(f"--max_docs must be a positive integer, got {args.max_docs}")
-    out = pathlib.Path(args.out).expanduser() if args.out else lm_datasets.default_data_dir()
-    prefix = out / f"books_{args.mode}"
+    prefix = lm_datasets.prepared_output_prefix(args.out, f"books_{args.mode}")
     passages, total = source_passages(args)
     if args.max_docs is not None:
         passages = itertools.islice(passages, args.max_docs)
         total = args.max_docs if total is None else min(total, args.max_docs)
-    n_docs, n_tokens = lm_datasets.write_prepared_texts(prefix, passages, workers=args.workers, total=total,
-                                                        desc=f"books {args.mode}")
+    try:
+        n_docs, n_tokens = lm_datasets.write_prepared_texts(prefix, passages, workers=args.workers, total=total,
+                                                            desc=f"books {args.mode}")
+    except lm_datasets.EmptyCorpusError as e:
+        source = args.hf_files if args.source == "hf" else args.source
+        raise ValueError(f"books source {source!r} gives no text for mode {args.mode!r} ({e}): pass a source with "
+                         f"passages (test mode takes the last --test_fraction of a single file's passages)") from None
     print(lm_datasets.format_summary(prefix, n_docs, n_tokens, 0))
     return n_docs, n_tokens, 0
 
@@ -207,5 +241,6 @@ def main(argv: list[str] | None = None) -> tuple[int, int, int]:
 if __name__ == "__main__":
     try:
         main()
-    except (DownloadError, FileNotFoundError, ImportError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (DownloadError, ImportError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

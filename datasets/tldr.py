@@ -10,6 +10,10 @@ query sampler reads for tldr in mode 'test'. `--source` takes another URL or a l
 
 Cleaning (pure `clean_tldr`): `ftfy.fix_text`, runs of 3+ newlines to 2, strip. Documents keep the file's
 order (the query sampler shuffles with seed 0, like the original generator); none are skipped.
+
+A downloaded file that is not JSON (an HTML error page, a truncated transfer) is not cached. A source without
+any text stops with exit status 2 and a one-line error, and leaves an existing prepared file as it was; so
+does an `--out` that is not a writable directory.
 """
 
 from __future__ import annotations
@@ -57,9 +61,9 @@ def read_contents(path: str | pathlib.Path) -> list[str]:
     try:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}): the file is corrupt or truncated; delete it and "
-                         f"run again to download it afresh") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, or nested too deeply
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}): expected a tldr subset file, "
+                         f"a JSON list of post objects (is it corrupt or truncated?)") from None
     if not isinstance(records, list):
         raise ValueError(f"{str(path)!r} holds a JSON {type(records).__name__}, expected a list of post objects")
     contents = []
@@ -88,12 +92,16 @@ def main(argv: list[str] | None = None) -> tuple[int, int, int]:
     args = parse_args(argv)
     if args.max_docs is not None and args.max_docs < 1:
         raise ValueError(f"--max_docs must be a positive integer, got {args.max_docs}")
-    out = pathlib.Path(args.out).expanduser() if args.out else lm_datasets.default_data_dir()
-    prefix = out / f"tldr_{file_mode(args.mode)}"
-    contents = read_contents(fetch(args.source or subset_url(args.base_url, args.mode)))
+    prefix = lm_datasets.prepared_output_prefix(args.out, f"tldr_{file_mode(args.mode)}")
+    source = args.source or subset_url(args.base_url, args.mode)
+    contents = read_contents(fetch(source, expect="json"))
     contents = contents[:args.max_docs] if args.max_docs is not None else contents
-    n_docs, n_tokens = lm_datasets.write_prepared_texts(prefix, map(clean_tldr, contents), workers=args.workers,
-                                                        total=len(contents), desc=f"tldr {file_mode(args.mode)}")
+    try:
+        n_docs, n_tokens = lm_datasets.write_prepared_texts(prefix, map(clean_tldr, contents), workers=args.workers,
+                                                            total=len(contents), desc=f"tldr {file_mode(args.mode)}")
+    except lm_datasets.EmptyCorpusError as e:
+        raise ValueError(f"tldr source {source!r} gives no text ({e}): pass a JSON list of posts with a non-empty "
+                         f"'content'") from None
     print(lm_datasets.format_summary(prefix, n_docs, n_tokens, 0))
     return n_docs, n_tokens, 0
 
@@ -101,5 +109,6 @@ def main(argv: list[str] | None = None) -> tuple[int, int, int]:
 if __name__ == "__main__":
     try:
         main()
-    except (DownloadError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (DownloadError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

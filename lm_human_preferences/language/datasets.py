@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lm_human_preferences.language.encodings import get_encoding
-from lm_human_preferences.utils.files import atomic_open
+from lm_human_preferences.utils.files import atomic_open, unwritable
 
 BIN_DTYPE = np.dtype("<u2")
 IDX_DTYPE = np.dtype("<i8")
@@ -97,11 +97,17 @@ def _doc_array(doc_index: int, tokens: Sequence[int] | np.ndarray) -> np.ndarray
     return ids.astype(BIN_DTYPE)
 
 
-def write_token_file(path_prefix: str | os.PathLike, docs_token_lists: Iterable[Sequence[int]]) -> tuple[int, int]:
+class EmptyCorpusError(ValueError):
+    """A corpus to prepare has no tokens at all; nothing was written."""
+
+
+def write_token_file(path_prefix: str | os.PathLike, docs_token_lists: Iterable[Sequence[int]], *,
+                     allow_empty: bool = True) -> tuple[int, int]:
     """Write documents (an iterable of token-id sequences, consumed once) to `<path_prefix>.bin/.idx`.
 
     Streams: only the offsets are kept in memory. Both files appear atomically, and only once every
-    document has been written. Returns (n_docs, n_tokens).
+    document has been written; with allow_empty=False, a corpus without a single token raises
+    EmptyCorpusError instead, leaving existing files as they were. Returns (n_docs, n_tokens).
     """
     bin_path, idx_path = token_file_paths(path_prefix)
     offsets = array.array("q", [0])
@@ -112,8 +118,30 @@ def write_token_file(path_prefix: str | os.PathLike, docs_token_lists: Iterable[
             ids = _doc_array(doc_index, tokens)
             bin_file.write(ids.tobytes())
             offsets.append(offsets[-1] + ids.size)
+        if not allow_empty and offsets[-1] == 0:
+            state = "existing files were left as they were" if bin_path.exists() else "nothing was written"
+            raise EmptyCorpusError(f"{len(offsets) - 1} documents and no tokens to write to {bin_path}; {state}")
         idx_file.write(np.frombuffer(offsets, dtype=np.int64).astype(IDX_DTYPE).tobytes())
     return len(offsets) - 1, offsets[-1]
+
+
+def prepared_output_prefix(out: str | os.PathLike | None, name: str) -> pathlib.Path:
+    """`<out>/<name>` (out None: `default_data_dir()`), checked before any work: ValueError unless the directory
+    can be written (it is created when the files are) and `<name>.bin/.idx` are files or absent."""
+    directory = pathlib.Path(out).expanduser() if out is not None else default_data_dir()
+    given = (f"--out {str(directory)!r}" if out is not None else
+             f"LMHP_DATA_DIR {str(directory)!r}" if os.environ.get("LMHP_DATA_DIR") else
+             f"the data directory {str(directory)!r}")
+    problem = unwritable(directory, directory=True)
+    if problem is not None:
+        raise ValueError(f"{given} cannot hold the prepared files ({problem}): pass a writable directory, which is "
+                         f"created if missing")
+    prefix = directory / name
+    for path in token_file_paths(prefix):
+        problem = unwritable(path, directory=False)
+        if problem is not None:
+            raise ValueError(f"cannot write {path} ({problem}): remove what is there or pass another --out")
+    return prefix
 
 
 class TokenFile:
@@ -181,14 +209,14 @@ def write_prepared_texts(path_prefix: str | os.PathLike, texts: Iterable[str], *
                          total: int | None = None, desc: str | None = None) -> tuple[int, int]:
     """Encode texts with GPT-2's BPE and write them as prepared token files, with a progress bar.
 
-    Returns (n_docs, n_tokens).
+    Returns (n_docs, n_tokens); EmptyCorpusError, writing nothing, if the texts hold no token at all.
     """
     with tqdm(total=total, unit="doc", desc=desc or pathlib.Path(path_prefix).name) as bar:
         def counted(docs):
             for doc in docs:
                 bar.update(1)
                 yield doc
-        return write_token_file(path_prefix, counted(encode_texts(texts, workers=workers)))
+        return write_token_file(path_prefix, counted(encode_texts(texts, workers=workers)), allow_empty=False)
 
 
 def format_summary(path_prefix: str | os.PathLike, n_docs: int, n_tokens: int, skipped: int) -> str:

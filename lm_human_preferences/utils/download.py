@@ -1,14 +1,20 @@
 """Cached, verified downloads over plain HTTPS; under torchrun only rank 0 downloads.
 
 Replaces the original's `utils/gcs.py` (gsutil into a local cache, ORIGINAL §7.5): a URL is cached at
-`cache_dir()/<host>/<url path>`; rank 0 fetches it and writes a `<file>.ok` sentinel after verifying it,
-and the other ranks wait for that sentinel.
+`cache_dir()/<host>/<url path>`; rank 0 fetches it and writes a `<file>.ok` record after verifying it,
+and the other ranks wait for that record.
+
+The record (JSON) holds the file's sha256 and size, the content checks it passed (`expect`) and, for a
+`file://` source, the source's size and mtime. Every `fetch` checks the cached file against it: a file whose
+bytes changed since it was downloaded, that fails the caller's sha256, size or content check, or whose
+`file://` source changed is dropped and fetched again, once; a fresh download that fails is not cached.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import pathlib
 import socket
@@ -26,14 +32,22 @@ CHUNK_BYTES = 1 << 20
 POLL_SECONDS = 0.5
 DEFAULT_WAIT_SECONDS = 3600.0
 URL_SCHEMES = ("http", "https", "file")
+# expect= values: what a downloaded file must be (an HTML error or login page is neither).
+CONTENT_KINDS = {"json": "JSON", "text": "UTF-8 text"}
+_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--")
 
 
 class DownloadError(RuntimeError):
-    """A download failed: network error, bad HTTP status, short read, checksum mismatch or timeout."""
+    """A download failed: network error, bad HTTP status, short read, checksum mismatch, unexpected content or
+    timeout."""
 
 
 class _RetryableError(Exception):
     """An attempt failed in a way another attempt may fix."""
+
+
+class _ContentError(Exception):
+    """A complete response is not what was asked for (another attempt is not expected to fix it)."""
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
@@ -71,6 +85,39 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _check_kind(expect: str) -> None:
+    """ValueError unless `expect` is a known content check."""
+    if expect not in CONTENT_KINDS:
+        raise ValueError(f"unknown content check expect={expect!r}: expected one of {list(CONTENT_KINDS)} or None")
+
+
+def content_problem(path: str | os.PathLike, expect: str | None) -> str | None:
+    """Why the file at `path` is not `expect` ('json': parses as JSON; 'text': UTF-8 text), or None if it is.
+
+    Either way an HTML page (an error or login page served in place of the file) is named as such.
+    """
+    if expect is None:
+        return None
+    _check_kind(expect)
+    data = pathlib.Path(path).read_bytes()
+    head = data[:200].lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.lower().startswith(_HTML_STARTS) or (expect == "json" and head.startswith(b"<")):
+        first = head.split(b"\n", 1)[0][:60].decode("utf-8", "replace")
+        return f"it is an HTML page, not {CONTENT_KINDS[expect]} (it starts with {first!r})"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"it is not UTF-8 text ({e})"
+    if expect == "json":
+        try:
+            json.loads(text)
+        except RecursionError:
+            return "it is JSON nested too deeply to parse"
+        except ValueError as e:
+            return f"it is not valid JSON ({e}; truncated?)"
+    return None
 
 
 def _check_scheme(url: str, scheme: str) -> None:
@@ -126,43 +173,104 @@ def _fetch_once(url: str, f, *, sha256: str | None, size: int | None, timeout: f
 
 
 def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, size: int | None = None,
-             retries: int = 4, backoff: float = 1.0, timeout: float = 60,
+             expect: str | None = None, retries: int = 4, backoff: float = 1.0, timeout: float = 60,
              progress: bool = True) -> pathlib.Path:
-    """Download an http(s):// or file:// `url` to `dest` atomically, verifying `size` and `sha256` when given.
+    """Download an http(s):// or file:// `url` to `dest` atomically, verifying `size`, `sha256` and the content
+    check `expect` (see `content_problem`) when given.
 
     Network errors, HTTP 5xx/429, short reads and checksum mismatches are retried `retries` times, waiting
-    `backoff * 2**attempt` seconds; then DownloadError. `dest` appears only once complete and verified.
+    `backoff * 2**attempt` seconds; then DownloadError. Content that is not `expect` is not retried.
+    `dest` appears only once complete and verified.
     """
     _check_scheme(url, urllib.parse.urlsplit(url).scheme)
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
+    if expect is not None:
+        _check_kind(expect)
     dest = pathlib.Path(dest)
     failures = []
     for attempt in range(retries + 1):
         try:
             with atomic_open(dest) as f:  # a failed attempt leaves `dest` as it was
                 _fetch_once(url, f, sha256=sha256, size=size, timeout=timeout, progress=progress)
+                f.flush()
+                problem = content_problem(f.name, expect)
+                if problem is not None:
+                    raise _ContentError(problem)
             return dest
         except _RetryableError as e:
             failures.append(f"attempt {attempt + 1}: {e}")
+        except _ContentError as e:
+            raise DownloadError(f"{url} did not give {CONTENT_KINDS[expect]}: {e}; nothing was cached. Check the URL "
+                                f"(an error or login page?), or download the file yourself and pass its local "
+                                f"path") from None
         if attempt < retries:
             time.sleep(backoff * 2 ** attempt)
-    raise DownloadError(f"downloading {url} failed after {retries + 1} attempts:\n  " + "\n  ".join(failures))
+    raise DownloadError(f"downloading {url} failed after {retries + 1} attempts ({'; '.join(failures)})")
 
 
 def _ok_path(path: pathlib.Path) -> pathlib.Path:
-    """The sentinel rank 0 writes next to a verified cached file."""
+    """The record rank 0 writes next to a verified cached file."""
     return path.with_name(path.name + ".ok")
 
 
-def _cached_digest(path: pathlib.Path, sha256: str | None, size: int | None) -> str | None:
-    """The sha256 of a cached file that matches the expected size and sha256 (those given), else None."""
+def _read_record(path: pathlib.Path) -> dict | None:
+    """The record of a cached file: a JSON object, or a bare sha256 line (older caches); None if absent or bad."""
+    try:
+        text = _ok_path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        return {"sha256": text}
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    valid = (isinstance(record, dict) and isinstance(record.get("sha256"), str)
+             and isinstance(record.get("checked", []), list))
+    return record if valid else None
+
+
+def _source_stat(url: str) -> dict | None:
+    """Size and mtime of a file:// URL's file (the cache re-reads it when they change); None for other URLs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "file":
+        return None
+    try:
+        st = os.stat(urllib.request.url2pathname(parts.path))
+    except OSError:
+        return {"missing": True}  # never matches a record: the download then reports the error
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _stale_reason(path: pathlib.Path, record: dict | None, *, sha256: str | None, size: int | None,
+                  expect: str | None, source: dict | None) -> str | None:
+    """Why the cached `path` cannot be used as is (None if it can); drops nothing. Hashes the file. Without a
+    record (a file put there by hand, or a crash before the record was written), only the caller's sha256 vouches
+    for the bytes."""
     if not path.is_file():
-        return None
+        return "not cached"
+    if source is not None and (record is None or record.get("source") != source):
+        return "its file:// source changed"
     if size is not None and path.stat().st_size != size:
-        return None
+        return f"it has {path.stat().st_size} bytes, expected {size}"
+    if record is None and sha256 is None:
+        return "no record of a verified download"
     digest = file_sha256(path)
-    return digest if sha256 is None or digest == sha256.lower() else None
+    if record is not None and digest != record["sha256"]:
+        return "its bytes changed since it was downloaded"
+    if sha256 is not None and digest != sha256.lower():
+        return f"its sha256 {digest} is not the expected {sha256.lower()}"
+    if expect is not None and expect not in (record or {}).get("checked", []):
+        return content_problem(path, expect)  # checked once, then recorded
+    return None
+
+
+def _write_record(path: pathlib.Path, digest: str, checked: list[str], source: dict | None) -> None:
+    record = {"sha256": digest, "size": path.stat().st_size, "checked": sorted(set(checked))}
+    if source is not None:
+        record["source"] = source
+    atomic_write_bytes(_ok_path(path), (json.dumps(record, sort_keys=True) + "\n").encode())
 
 
 def _env_int(name: str, default: int) -> int:
@@ -187,22 +295,26 @@ def _wait_timeout() -> float:
         raise ValueError(f"environment variable LMHP_DOWNLOAD_TIMEOUT={value!r} is not a number of seconds") from None
 
 
-def _sentinel_accepts(path: pathlib.Path, sha256: str | None, size: int | None) -> bool:
-    """Whether rank 0 has published `path`: file and sentinel present, sentinel's sha256 and size as expected."""
-    ok = _ok_path(path)
-    if not (path.is_file() and ok.is_file()):
+def _record_accepts(path: pathlib.Path, *, sha256: str | None, size: int | None, expect: str | None,
+                    source: dict | None) -> bool:
+    """Whether rank 0 has published `path` as asked: file and record present, record as expected (no hashing)."""
+    record = _read_record(path)
+    if record is None or not path.is_file():
         return False
     if size is not None and path.stat().st_size != size:
         return False
-    return sha256 is None or ok.read_text().strip() == sha256.lower()
+    if sha256 is not None and record["sha256"] != sha256.lower():
+        return False
+    if expect is not None and expect not in record.get("checked", []):
+        return False
+    return source is None or record.get("source") == source
 
 
-def _wait_for_rank0(url: str, path: pathlib.Path, sha256: str | None, size: int | None,
-                    cache: str | os.PathLike | None) -> pathlib.Path:
+def _wait_for_rank0(url: str, path: pathlib.Path, cache: str | os.PathLike | None, **expected) -> pathlib.Path:
     """Poll until rank 0 has downloaded and verified `url` into `path`, or raise DownloadError on timeout."""
     timeout = _wait_timeout()
     deadline = time.monotonic() + timeout
-    while not _sentinel_accepts(path, sha256, size):
+    while not _record_accepts(path, **expected):
         if time.monotonic() >= deadline:
             raise DownloadError(
                 f"rank 0 did not finish downloading {url} to {path} within {timeout:g} s "
@@ -214,13 +326,17 @@ def _wait_for_rank0(url: str, path: pathlib.Path, sha256: str | None, size: int 
 
 
 def fetch(url_or_path: str | os.PathLike, *, sha256: str | None = None, size: int | None = None,
-          cache: str | os.PathLike | None = None) -> pathlib.Path:
+          expect: str | None = None, cache: str | os.PathLike | None = None) -> pathlib.Path:
     """A local file for `url_or_path`: a local path as is, a URL downloaded once into the cache.
 
-    Under torchrun (env RANK, WORLD_SIZE) only global rank 0 downloads; the other ranks wait for its
-    `<file>.ok` sentinel for up to LMHP_DOWNLOAD_TIMEOUT seconds. A cached file whose size or sha256
-    does not match is downloaded again.
+    `expect` ('json', 'text' or None) is a content check for downloads (see `content_problem`); a local path is
+    returned unchecked. On every call the cached file is checked against its record (see the module docstring):
+    a file that fails is dropped and downloaded again, and a fresh download that fails raises DownloadError.
+    Under torchrun (env RANK, WORLD_SIZE) only global rank 0 downloads; the other ranks wait for its record
+    for up to LMHP_DOWNLOAD_TIMEOUT seconds.
     """
+    if expect is not None:
+        _check_kind(expect)
     if not is_url(url_or_path):
         scheme = urllib.parse.urlsplit(str(url_or_path)).scheme
         if "://" in str(url_or_path):
@@ -232,15 +348,24 @@ def fetch(url_or_path: str | os.PathLike, *, sha256: str | None = None, size: in
 
     url = str(url_or_path)
     path = cache_path(url, cache)
+    source = _source_stat(url)
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     if world_size > 1 and rank != 0:
-        return _wait_for_rank0(url, path, sha256, size, cache)
+        return _wait_for_rank0(url, path, cache, sha256=sha256, size=size, expect=expect, source=source)
 
-    ok = _ok_path(path)
-    digest = _cached_digest(path, sha256, size)
-    if digest is None:
-        ok.unlink(missing_ok=True)
-        download(url, path, sha256=sha256, size=size)
-        digest = sha256.lower() if sha256 is not None else file_sha256(path)
-    atomic_write_bytes(ok, (digest + "\n").encode())
+    record = _read_record(path)
+    reason = _stale_reason(path, record, sha256=sha256, size=size, expect=expect, source=source)
+    checked = set(record.get("checked", [])) if record is not None else set()
+    if reason is None:
+        if record is None or (expect is not None and expect not in checked):  # what was just verified
+            _write_record(path, file_sha256(path), [*checked, *([expect] if expect else [])], source)
+        return path
+    _ok_path(path).unlink(missing_ok=True)
+    if path.is_file():
+        if record is not None and not (source is not None and record.get("source") != source):
+            print(f"note: dropping the cached {path} ({reason}); downloading {url} again", file=sys.stderr)
+        path.unlink()
+    download(url, path, sha256=sha256, size=size, expect=expect)
+    checked = {expect} if expect is not None else set()
+    _write_record(path, file_sha256(path), sorted(checked), source)
     return path

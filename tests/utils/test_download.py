@@ -3,6 +3,7 @@
 import collections
 import hashlib
 import http.server
+import json
 import os
 import pathlib
 import subprocess
@@ -160,7 +161,7 @@ def test_fetch_caches(server, tmp_path):
     port = server.httpd.server_address[1]
     assert first == second == tmp_path / f"127.0.0.1_{port}" / "a" / "b" / "data.json"
     assert first.read_bytes() == PAYLOAD
-    assert (first.parent / "data.json.ok").read_text().strip() == PAYLOAD_SHA
+    assert json.loads((first.parent / "data.json.ok").read_text())["sha256"] == PAYLOAD_SHA
     assert server.hits["/a/b/data.json"] == 1
 
 
@@ -247,3 +248,128 @@ def test_two_processes_download_once(server, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert outputs[0][0] == outputs[1][0] == f"{dl.cache_path(url, tmp_path)}\n"
     assert server.hits["/both.bin"] == 1
+
+
+# --- the cache checks what it holds on every use --------------------------------------------------------------
+
+HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Please log in</body></html>\n"
+LABELS = json.dumps([{"query": [1, 2], "best": 0}]).encode()
+
+
+def _cache_as_old_code_did(url, cache, body):
+    """A cached file with the bare-sha256 record the cache wrote before it recorded anything else."""
+    path = dl.cache_path(url, cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body)
+    (path.parent / (path.name + ".ok")).write_text(hashlib.sha256(body).hexdigest() + "\n")
+    return path
+
+
+def test_edited_file_url_source_is_read_again(tmp_path):
+    source = tmp_path / "labels.json"
+    source.write_text("[1]")
+    url = source.as_uri()
+    assert dl.fetch(url, cache=tmp_path / "cache").read_text() == "[1]"
+    source.write_text("[1, 2]")  # another size
+    assert dl.fetch(url, cache=tmp_path / "cache").read_text() == "[1, 2]"
+    source.write_text("[3, 4]")  # same size, another mtime
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert dl.fetch(url, cache=tmp_path / "cache").read_text() == "[3, 4]"
+    assert dl.fetch(url, cache=tmp_path / "cache").read_text() == "[3, 4]"  # unchanged: served from the cache
+
+
+def test_cached_html_page_is_dropped_and_fetched_again(server, tmp_path, capsys):
+    server.routes["/labels/offline_5k.json"] = [("ok", LABELS)]
+    url = server.url("/labels/offline_5k.json")
+    _cache_as_old_code_did(url, tmp_path, HTML_PAGE)  # an error page an earlier run cached as valid
+    path = dl.fetch(url, expect="json", cache=tmp_path)
+    assert path.read_bytes() == LABELS and server.hits["/labels/offline_5k.json"] == 1
+    assert "HTML page" in capsys.readouterr().err
+    assert dl.fetch(url, expect="json", cache=tmp_path).read_bytes() == LABELS
+    assert server.hits["/labels/offline_5k.json"] == 1  # checked once, then trusted while its bytes are unchanged
+
+
+@pytest.mark.parametrize("body, problem", [(HTML_PAGE, "HTML page, not JSON"), (LABELS[:-5], "not valid JSON"),
+                                           (b"\xff\xfe[]", "not UTF-8 text")])
+def test_response_that_is_not_json_is_not_cached(server, tmp_path, body, problem):
+    server.routes["/bad.json"] = [("ok", body)]
+    url = server.url("/bad.json")
+    for hits in (1, 2):  # nothing cached: the next use asks again
+        with pytest.raises(dl.DownloadError, match=problem) as info:
+            dl.fetch(url, expect="json", cache=tmp_path)
+        assert "\n" not in str(info.value) and url in str(info.value)
+        assert server.hits["/bad.json"] == hits
+    assert not dl.cache_path(url, tmp_path).exists()
+    assert not dl.cache_path(url, tmp_path).with_name("bad.json.ok").exists()
+
+
+def test_cached_html_page_refetched_once_then_one_line_error(server, tmp_path):
+    server.routes["/still-bad.json"] = [("ok", HTML_PAGE)]
+    url = server.url("/still-bad.json")
+    cached = _cache_as_old_code_did(url, tmp_path, HTML_PAGE)
+    with pytest.raises(dl.DownloadError, match="HTML page") as info:
+        dl.fetch(url, expect="json", cache=tmp_path)
+    assert "\n" not in str(info.value)
+    assert server.hits["/still-bad.json"] == 1 and not cached.exists()
+
+
+def test_cached_file_whose_bytes_changed_is_fetched_again(server, tmp_path):
+    server.routes["/model.bin"] = [("ok", PAYLOAD)]
+    url = server.url("/model.bin")
+    path = dl.fetch(url, cache=tmp_path)  # no sha256 from the caller: the record's is checked
+    path.write_bytes(PAYLOAD[:1000])  # truncated on disk
+    assert dl.fetch(url, cache=tmp_path).read_bytes() == PAYLOAD
+    assert server.hits["/model.bin"] == 2
+
+
+def test_text_check_rejects_html(server, tmp_path):
+    server.routes["/list.txt"] = [("ok", HTML_PAGE)]
+    with pytest.raises(dl.DownloadError, match="HTML page, not UTF-8 text"):
+        dl.fetch(server.url("/list.txt"), expect="text", cache=tmp_path)
+    server.routes["/ok.txt"] = [("ok", b"http://www.cnn.com/a\n")]
+    assert dl.fetch(server.url("/ok.txt"), expect="text", cache=tmp_path).read_bytes() == b"http://www.cnn.com/a\n"
+
+
+def test_unknown_content_check_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown content check expect='yaml'"):
+        dl.fetch("https://example.com/x.yaml", expect="yaml", cache=tmp_path)
+
+
+def test_nonzero_rank_does_not_accept_a_record_of_an_older_file_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LMHP_DOWNLOAD_TIMEOUT", "0.6")
+    source = tmp_path / "labels.json"
+    source.write_text("[1]")
+    url = source.as_uri()
+    path = _cache_as_old_code_did(url, tmp_path / "cache", b"[1]")  # no record of the source's size and mtime
+    with pytest.raises(dl.DownloadError, match="rank 0 did not finish"):
+        dl.fetch(url, cache=tmp_path / "cache")
+    monkeypatch.setenv("RANK", "0")
+    assert dl.fetch(url, cache=tmp_path / "cache") == path  # rank 0 re-reads and records it
+    monkeypatch.setenv("RANK", "1")
+    assert dl.fetch(url, cache=tmp_path / "cache") == path
+
+
+def test_download_failure_is_one_line(server, tmp_path):
+    server.routes["/flaky-forever"] = [("status", 503)]
+    with pytest.raises(dl.DownloadError, match="failed after 2 attempts") as info:
+        dl.download(server.url("/flaky-forever"), tmp_path / "f", retries=1, backoff=0.01, progress=False)
+    assert "\n" not in str(info.value)
+
+
+# --- file modes -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])
+def test_cache_files_are_readable_as_the_umask_allows(server, tmp_path, umask, file_mode, dir_mode):
+    server.routes["/shared/data.json"] = [("ok", LABELS)]
+    old = os.umask(umask)
+    try:
+        path = dl.fetch(server.url("/shared/data.json"), expect="json", cache=tmp_path / "cache")
+    finally:
+        os.umask(old)
+    for p in (path, path.with_name("data.json.ok")):
+        assert p.stat().st_mode & 0o777 == file_mode, p
+    for d in (path.parent, path.parent.parent, tmp_path / "cache"):
+        assert d.stat().st_mode & 0o777 == dir_mode, d
