@@ -17,12 +17,14 @@ directory is ``<save_dir>/<name>``. For several GPUs run it under torchrun
 
 Exit status: 0 on success, and after SIGTERM/SIGINT stopped train_policy with a checkpoint (continue with
 ``--resume``); 2 with ``error: <message>`` for bad input (experiment, key, value, label file, model or checkpoint
-directory, dataset, an existing run without ``--resume``/``--overwrite``), found before anything is written;
-1 with ``error: <message>`` when a run stops on a non-finite number or a failed checkpoint write (the last good
-checkpoint is kept); 130 for a second Ctrl-C.
+directory, dataset, an existing run without ``--resume``/``--overwrite``, an output path that cannot be written),
+found before anything is written; 1 with ``error: <message>`` when a command stops mid-way on a non-finite number
+or a failed write (a full disk, no permission: the message names the path and the fix; what was written before is
+kept, for a training run its last good checkpoint); 130 for a second Ctrl-C.
 """
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -33,7 +35,8 @@ from lm_human_preferences import demo, runs, sample, train_policy, train_reward
 from lm_human_preferences.utils import dist, plotting
 from lm_human_preferences.utils.alloc import keep_freed_memory
 from lm_human_preferences.utils.ckpt import CheckpointSaveError, InputError
-from lm_human_preferences.utils.hyperparams import HParamsError
+from lm_human_preferences.utils.files import WriteError, fix_for
+from lm_human_preferences.utils.hyperparams import INT64_MAX, INT64_MIN, HParamsError
 
 TRAIN_COMMANDS = ('train_reward', 'train_policy')
 _LAUNCHER_FLAGS = ('--dry_run', '--resume', '--overwrite', '-h', '--help')
@@ -60,10 +63,18 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
+    """argparse type: a finite number > 0."""
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f'must be a finite number > 0, got {value}')
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type: an integer seed that fits 64 bits (what torch and NumPy accept)."""
+    value = int(text)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f'{text} does not fit a 64-bit integer: pass a seed in [-2**63, 2**63)')
     return value
 
 
@@ -94,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='sampling temperature (default: the training temperature)')
     p.add_argument('--nsamples', type=_positive_int, default=8, help='number of samples (default: 8)')
     p.add_argument('--batch_size', type=_positive_int, default=4, help='queries per batch (default: 4)')
-    p.add_argument('--seed', type=int, default=None, help='random seed (default: random)')
+    p.add_argument('--seed', type=_seed, default=None, help='random seed (default: random)')
     p.add_argument('--score', action=argparse.BooleanOptionalAction, default=True,
                    help="score responses with the run's reward model (default: on)")
     p.add_argument('--out', default=None, help='also write the samples to this JSON file')
@@ -147,13 +158,11 @@ def build_run_hparams(command: str, args: argparse.Namespace, overrides: Dict[st
     if 'run.save_dir' in overrides:
         raise UsageError('the run directory is <save_dir>/<name>: pass --save_dir DIR and a run name instead '
                          'of --run.save_dir')
-    if not args.name.strip() or os.path.isabs(args.name) or '..' in args.name.split(os.sep):
-        raise UsageError(f'run name {args.name!r} must be a relative name without ".." (it becomes '
-                         f'<save_dir>/<name>)')
+    run_dir = runs.run_dir_path(args.save_dir, args.name)  # strictly inside save_dir, however it is spelled
     with warnings.catch_warnings():
         warnings.simplefilter('always', DeprecationWarning)  # show deprecated keys to the user
         hparams = params.get_hparams(command, args.experiment, overrides)
-    hparams.override_from_dict({'run.save_dir': os.path.join(args.save_dir, args.name)})
+    hparams.override_from_dict({'run.save_dir': run_dir})
     return hparams
 
 
@@ -187,6 +196,20 @@ def _existing_dir(path: str) -> str:
     return path
 
 
+def failure_message(error: OSError, command: str) -> str:
+    """One line for an OSError that stopped `command` mid-way: what failed and where, the fix, how to go on."""
+    if isinstance(error, WriteError):
+        text = str(error)
+    else:  # raised outside the project's writers: say what the OS said
+        what = f"{error.filename}: {error.strerror}" if error.filename else f"a file operation failed ({error})"
+        text = f"{what}; {fix_for(error)}"
+    if command in TRAIN_COMMANDS:
+        return f"{text}, then rerun the same command with --resume"
+    if command == 'demo':
+        return f"{text}, then run the same command again (finished stages are cached)"
+    return f"{text}, then run the command again"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -206,16 +229,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             plotting.plot_run(run_dir, {'policy': run.policy_metrics, 'reward': run.reward_metrics},
                               args.out if args.out is not None else run.plots)
         return 0
-    except (UsageError, HParamsError) as e:
+    except (UsageError, HParamsError, InputError) as e:  # InputError: the trainers' checks, run by the demo
         print(f'error: {e}', file=sys.stderr)
         return EXIT_USAGE
-    except RunFailed as e:
+    except (RunFailed, FloatingPointError, CheckpointSaveError) as e:  # the last two: a trainer run by the demo
         print(f'error: {e}', file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print('error: interrupted (a single Ctrl-C inside policy training saves a checkpoint first)',
-              file=sys.stderr)
+    except OSError as e:  # a write failed mid-way (full disk, no permission); what was written before is kept
+        print(f'error: {failure_message(e, argv[0] if argv else "")}', file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt as e:  # a message, when a training loop stopped on a signal and said what it kept
+        print(f'error: {e}' if str(e) else 'error: interrupted (a single Ctrl-C inside policy training saves a '
+              'checkpoint first)', file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        runs.release_run_lock()  # the command is over: another process may use its run directory now
 
 
 if __name__ == '__main__':

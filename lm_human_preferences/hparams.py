@@ -72,7 +72,12 @@ class TaskHParams(HParams):
         self._require_at_least(prefix, 'query_length', 1)
         self._require_at_least(prefix, 'response_length', 1)
         self._require_at_least(prefix, 'truncate_after', 0)
-        self._require_at_least(prefix, 'truncate_token', 0)
+        self._require_at_least(prefix, 'truncate_token', 0)  # and inside the vocabulary: runs.task_encodings
+        if self.truncate_token is not None and self.truncate_after >= self.response_length:
+            raise HParamsError(
+                f"'{prefix}truncate_after' ({self.truncate_after}) must be < '{prefix}response_length' "
+                f"({self.response_length}): the truncate token never counts, so every response would get the "
+                f"penalty; lower --{prefix}truncate_after or pass --{prefix}truncate_token None")
 
 
 @dataclass

@@ -3,14 +3,16 @@
 This module is the one place that knows the label types: `get_label_type(name)` parses a name ('best_of_<N>',
 'scalar_rating' or 'scalar_compare') and raises the one error for anything else; hyperparameter validation and
 the label files ask it. best_of_N needs N >= 2: a choice among one response gives the loss nothing to learn
-(softmax cross-entropy over one reward is 0). The original parsed any 'best_of_<N>' by its prefix; the port
-refuses N < 2 everywhere.
+(softmax cross-entropy over one reward is 0), and N <= MAX_BEST_OF (each label file record holds N responses and
+one reward-model call scores N x batch of them). The original parsed any 'best_of_<N>' by its prefix; the port
+refuses N outside [2, MAX_BEST_OF] everywhere.
 
 `loss_from_rewards(rewards, labels)` is the pure loss: the reward model's outputs for the label's responses,
 stacked in `response_keys` order as rewards (B, num_responses), plus the label fields -> (loss, stats).
 `loss(reward_model, labels)` scores all responses of a batch in one reward_model(queries, responses) call and
 applies it. Stats are detached 0-d tensors.
 """
+import reprlib
 from abc import ABC, abstractmethod
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 
 from lm_human_preferences.utils.core import Schema, pearson_r
 
-VALID_LABEL_TYPES = "best_of_N (N >= 2, e.g. best_of_4), scalar_rating, scalar_compare"
+MAX_BEST_OF = 1000  # the largest N of best_of_N
+VALID_LABEL_TYPES = f"best_of_N (2 <= N <= {MAX_BEST_OF}, e.g. best_of_4), scalar_rating, scalar_compare"
 
 Stats = Dict[str, torch.Tensor]
 Labels = Mapping[str, torch.Tensor]  # a batch of label records, field -> (B, ...)
@@ -104,7 +107,7 @@ class PickBest(LabelType):
     has_accuracy = True
 
     def __init__(self, num_responses: int):
-        if num_responses < 2:  # one response leaves nothing to choose
+        if not 2 <= num_responses <= MAX_BEST_OF:  # one response leaves nothing to choose
             raise _not_a_label_type(f"best_of_{num_responses}")
         self.name = f"best_of_{num_responses}"
         self.response_keys = tuple(f"sample{i}" for i in range(num_responses))
@@ -173,11 +176,11 @@ class ScalarComparison(LabelType):
 
 def _not_a_label_type(name: str) -> ValueError:
     """The one error for a name that is not a label type."""
-    return ValueError(f"{name!r} is not a label type: valid types are {VALID_LABEL_TYPES}")
+    return ValueError(f"{reprlib.repr(name)} is not a label type: valid types are {VALID_LABEL_TYPES}")
 
 
 def get_label_type(name: str) -> LabelType:
-    """The label type called `name`: 'best_of_<N>' (N >= 2), 'scalar_rating' or 'scalar_compare'.
+    """The label type called `name`: 'best_of_<N>' (2 <= N <= MAX_BEST_OF), 'scalar_rating' or 'scalar_compare'.
 
     Raises ValueError("'<name>' is not a label type: valid types are ...") for anything else."""
     if name == "scalar_rating":
@@ -185,6 +188,6 @@ def get_label_type(name: str) -> LabelType:
     if name == "scalar_compare":
         return ScalarComparison()
     n = name[len("best_of_"):]
-    if name.startswith("best_of_") and n.isascii() and n.isdigit():
+    if name.startswith("best_of_") and n.isascii() and n.isdigit() and len(n) <= len(str(MAX_BEST_OF)):
         return PickBest(int(n))
     raise _not_a_label_type(name)

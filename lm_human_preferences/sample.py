@@ -2,7 +2,8 @@
 
 Queries come from the task's dataset in mode 'test', as in the original. The policy is the run's latest checkpoint;
 responses are post-processed (truncated) as in training and, with scoring on, scored by the run's reward model with
-the penalty applied. Every sample is printed with newlines shown as '⏎' and written to a JSONL file.
+the penalty applied. Every sample is printed with newlines shown as '⏎' and written to a JSONL file as it is
+produced (see `SampleFile`), so a failure part-way keeps what was sampled; the output path is checked first.
 
 Differences from the original: the temperature defaults to the task's training temperature (the original's
 default was 1.0); `nsamples` is finite and rounded up to whole batches (the original looped forever for 0); the
@@ -11,6 +12,7 @@ command runs in a single process (the original ran under MPI; here a torchrun la
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,7 +22,8 @@ from lm_human_preferences import runs
 from lm_human_preferences.language.datasets import QuerySampler
 from lm_human_preferences.language.encodings import get_encoding
 from lm_human_preferences.runs import RunDir, RunError
-from lm_human_preferences.utils import ckpt, dist
+from lm_human_preferences.utils import dist
+from lm_human_preferences.utils.files import append_all, fsync_dir, unwritable, writing
 
 NEWLINE_MARK = "⏎"
 
@@ -58,10 +61,46 @@ def print_record(index: int, record: dict) -> None:
         print(f"{'':{len(str(index)) + 2}} score:    {record['score']:+.4f}")
 
 
-def write_jsonl(path: Path, records: List[dict]) -> None:
-    """Writes one JSON object per line (atomically: a crash never leaves a partial file)."""
-    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    ckpt.atomic_write_bytes(path, text.encode("utf-8"))
+class SampleFile:
+    """The JSONL file of samples (one JSON object per line), written as they are produced.
+
+    Records are appended to `<path>.partial` and reach the disk batch by batch; when the block ends without an
+    error the file is fsynced and renamed to `path`, so `path` is never half-written. After a failure (a full disk,
+    Ctrl-C, an error in sampling) `<path>.partial` keeps every complete record written before it, and a note on
+    stderr says so. A failed write raises the WriteError naming the file.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.count = 0  # records written
+        self.file = None
+
+    def __enter__(self):
+        with writing(self.partial):
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.partial, "wb", buffering=0)
+        return self
+
+    def write(self, records: List[dict]) -> None:
+        with writing(self.partial):
+            append_all(self.file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+        self.count += len(records)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            with writing(self.path):
+                os.fsync(self.file.fileno())
+                self.file.close()
+                os.replace(self.partial, self.path)
+            fsync_dir(self.path.parent)
+            return False
+        self.file.close()
+        if self.count:
+            print(f"note: the {self.count} samples written before the failure are in {self.partial}", file=sys.stderr)
+        else:
+            self.partial.unlink(missing_ok=True)
+        return False
 
 
 def _check_arguments(temperature, nsamples, batch_size) -> None:
@@ -92,6 +131,11 @@ def main(run_dir, temperature: Optional[float] = None, nsamples: int = 8, batch_
         raise RunError(f"run directory {str(run_dir)!r} does not exist; create it with "
                        f"`{runs.train_command(Path(run_dir))}`")
     run_dir = RunDir(run_dir)
+    out_path = Path(out) if out is not None else run_dir.samples
+    problem = unwritable(out_path, directory=False)
+    if problem is not None:
+        raise RunError(f"cannot write the samples to {out_path}: {problem}; pass --out with a file path in a "
+                       f"writable directory")
     hp = runs.read_run_hparams(run_dir)
     checkpoint = runs.latest_policy_checkpoint(run_dir)
     task = hp.task
@@ -122,15 +166,15 @@ def main(run_dir, temperature: Optional[float] = None, nsamples: int = 8, batch_
           f"{temperature:g}, seed {seed}{scored_by}")
 
     records: List[dict] = []
-    for _ in range(nbatches):
-        queries = torch.as_tensor(sampler.next_batch(), device=device)  # (B, query_length)
-        batch = runs.rollout(policy, queries, task, enc.padding_token, generator=generator, precision=precision,
-                             score_model=score_model)
-        for record in batch_records(enc, queries, batch):
-            print_record(len(records), record)
-            records.append(record)
-
-    out_path = Path(out) if out is not None else run_dir.samples
-    write_jsonl(out_path, records)
+    with SampleFile(out_path) as sink:
+        for _ in range(nbatches):
+            queries = torch.as_tensor(sampler.next_batch(), device=device)  # (B, query_length)
+            batch = runs.rollout(policy, queries, task, enc.padding_token, generator=generator, precision=precision,
+                                 score_model=score_model)
+            new = batch_records(enc, queries, batch)
+            for i, record in enumerate(new):
+                print_record(len(records) + i, record)
+            sink.write(new)
+            records.extend(new)
     print(f"wrote {len(records)} samples to {out_path}")
     return records

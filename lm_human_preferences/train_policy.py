@@ -5,10 +5,11 @@ per-token rewards with the current beta -> noptepochs x nminibatches of PPO -> s
 update -> log -> checkpoint. Whitening stays rank-local per minibatch as in the original; `ppo.whiten_world_size`
 emulates the original's 8-rank grouping on fewer GPUs.
 """
+import contextlib
 import errno
 import json
+import math
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -22,8 +23,10 @@ from lm_human_preferences.language.datasets import QuerySampler
 from lm_human_preferences.language.fused import store_linears_in
 from lm_human_preferences.runs import RunDir
 from lm_human_preferences.utils import ckpt, dist
+from lm_human_preferences.utils.files import writing
 from lm_human_preferences.utils.logging import Logger, format_stats
 from lm_human_preferences.utils.optim import TFAdam
+from lm_human_preferences.utils.signals import SignalFlag
 from lm_human_preferences.utils.training import (chunks, nonfinite_parameter, nonfinite_statistic, optimizer_step,
                                                  rng_state, seed_rank, set_rng_state, wrap_ddp)
 
@@ -181,13 +184,17 @@ class PPOTrainer:
         return {"global_step": self.global_step, "kl_ctl": self.kl_ctl.state_dict()}
 
     def save_checkpoint(self, root: Path, wandb_id=None):
-        """All ranks write their RNG and data position; rank 0 writes weights, optimizer and counters.
+        """Rank 0 writes the whole checkpoint: weights, optimizer, counters, and every rank's RNG state and data
+        position, which it gathers first (so no file depends on another node's disk).
 
-        The directory is assembled as step-N.tmp and renamed once every rank has written its part. If any write
-        fails on any rank (a full disk), every rank raises CheckpointSaveError and the previous checkpoint stays.
+        The directory is assembled as step-N.tmp and marked COMPLETE and renamed once every file is there. If a
+        write fails (a full disk), every rank raises CheckpointSaveError and the previous checkpoint stays.
         """
         info, step = self.info, self.global_step
         tmp = root / f"step-{step:08d}.tmp"
+        rank_states = dist.gather_object((rng_state(self.np_rng, self.generator), self.sampler.state_dict()))
+        files = [runs.MODEL_FILE, runs.OPTIMIZER_FILE, runs.STATE_FILE,
+                 *(name(rank) for rank in range(info.world_size) for name in (runs.rng_file, runs.sampler_file))]
 
         def on_all_ranks(write):
             error = None
@@ -200,19 +207,19 @@ class PPOTrainer:
                     shutil.rmtree(tmp, ignore_errors=True)
                 raise ckpt.save_error(step, root, error or OSError(errno.EIO, "a write failed on another rank"))
 
-        def write_rank_files():
-            ckpt.atomic_torch_save(tmp / runs.rng_file(info.rank), rng_state(self.np_rng, self.generator))
-            ckpt.atomic_write_json(tmp / runs.sampler_file(info.rank), self.sampler.state_dict())
-            if info.is_main:
-                ckpt.atomic_save_tensors(tmp / runs.MODEL_FILE, self.policy.model.state_dict())
-                ckpt.atomic_torch_save(tmp / runs.OPTIMIZER_FILE, self.optimizer.state_dict())
-                ckpt.atomic_write_json(tmp / runs.STATE_FILE, dict(self.state(), world_size=info.world_size,
-                                                                   wandb_id=wandb_id))
+        def write_files():
+            ckpt.begin_checkpoint(root, step)
+            for rank, (rng, sampler_state) in enumerate(rank_states):
+                ckpt.atomic_torch_save(tmp / runs.rng_file(rank), rng)
+                ckpt.atomic_write_json(tmp / runs.sampler_file(rank), sampler_state)
+            ckpt.atomic_save_tensors(tmp / runs.MODEL_FILE, self.policy.model.state_dict())
+            ckpt.atomic_torch_save(tmp / runs.OPTIMIZER_FILE, self.optimizer.state_dict())
+            ckpt.atomic_write_json(tmp / runs.STATE_FILE, dict(self.state(), world_size=info.world_size,
+                                                               wandb_id=wandb_id))
+            ckpt.commit_checkpoint(tmp, self.hp.run.keep_checkpoints, files)
 
         final = root / f"step-{step:08d}"
-        on_all_ranks(lambda: ckpt.begin_checkpoint(root, step) if info.is_main else None)
-        on_all_ranks(write_rank_files)
-        on_all_ranks(lambda: ckpt.commit_checkpoint(tmp, self.hp.run.keep_checkpoints) if info.is_main else None)
+        on_all_ranks(write_files if info.is_main else lambda: None)
         if info.is_main:
             print(f"saved checkpoint {final}")
         return final
@@ -222,11 +229,27 @@ class PPOTrainer:
 
         Raises ValueError / FileNotFoundError naming the file for a truncated, foreign or incomplete checkpoint."""
         info = self.info
-        state = _read_json(path / runs.STATE_FILE)
+        state_file = path / runs.STATE_FILE
+        state = _read_json(state_file)
         try:
-            world_size, global_step, kl_state = state["world_size"], int(state["global_step"]), state["kl_ctl"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path / runs.STATE_FILE} is not a policy checkpoint state ({e!r} missing or bad)") from e
+            world_size, global_step, kl_state = state["world_size"], state["global_step"], state["kl_ctl"]
+            kl_value = kl_state["value"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{state_file} is not a policy checkpoint state ({e!r} missing or bad)") from e
+        step = ckpt.checkpoint_step(path)
+        if not _is_int(global_step) or global_step != step:
+            raise ValueError(f"{state_file} has global_step {global_step!r}, but it must be {step}, the update of its "
+                             f"directory; the file is damaged: delete {path} and rerun with --resume to resume from "
+                             f"the checkpoint before it")
+        if global_step > self.nupdates:
+            raise ValueError(f"{state_file}: the checkpoint is at update {global_step}, beyond this run's "
+                             f"{self.nupdates} updates (ppo.total_episodes / ppo.batch_size); resume with the "
+                             f"ppo.total_episodes the run was started with, or a larger one")
+        if not _is_int(world_size) or isinstance(kl_value, bool) or not isinstance(kl_value, (int, float)) \
+                or not math.isfinite(kl_value) or kl_value < 0:
+            raise ValueError(f"{state_file} has world_size {world_size!r} and KL coefficient {kl_value!r}; expected "
+                             f"an integer and a finite number >= 0. The file is damaged: delete {path} and rerun "
+                             f"with --resume to resume from the checkpoint before it")
         if world_size != info.world_size:
             raise ValueError(f"checkpoint {path} was written by {world_size} ranks but this run has "
                              f"{info.world_size}; resume with the same number of processes")
@@ -246,6 +269,11 @@ class PPOTrainer:
         return state
 
 
+def _is_int(value) -> bool:
+    """An int of JSON (not a bool, float or string) that is >= 0."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_json(path):
     """A JSON file; FileNotFoundError or ValueError naming it."""
     path = Path(path)
@@ -257,41 +285,24 @@ def _read_json(path):
         raise ValueError(f"checkpoint file {path} is truncated or corrupt ({e})") from e
 
 
-class SignalFlag:
-    """Records SIGTERM/SIGINT so the loop can checkpoint at the next update boundary and exit cleanly."""
-
-    def __init__(self):
-        self.received = None
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
 def changed_hparams(run_dir: RunDir, hp) -> list:
-    """Dotted keys (outside run.*) whose value differs from the run's saved train_policy_hparams.json."""
+    """Dotted keys whose value differs from the run's saved train_policy_hparams.json, leaving out the run settings
+    (run.* at every level: where to save, device, logging) and comparing a path inside the run directory relative
+    to it, so moving a run directory changes nothing."""
     try:
         saved = TrainPolicyHParams.from_nested_dict(json.loads(run_dir.policy_hparams.read_text())).to_flat_dict()
     except Exception:  # missing or from another version: nothing to compare
         return []
     now = hp.to_flat_dict()
+
+    def in_run(flat, key):
+        value, root = flat.get(key, "<unset>"), flat.get("run.save_dir")
+        if isinstance(value, str) and root and Path(value).is_relative_to(root):
+            return ("<run dir>", *Path(value).relative_to(root).parts)
+        return value
+
     return sorted(k for k in set(saved) | set(now)
-                  if not k.startswith("run.") and saved.get(k, "<unset>") != now.get(k, "<unset>"))
+                  if "run" not in k.split(".") and in_run(saved, k) != in_run(now, k))
 
 
 def reward_hparams(hp: TrainPolicyHParams, run_dir):
@@ -333,7 +344,9 @@ def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
     Every input (settings, label file, models, dataset, the checkpoint to resume) is checked before the first
     write. An existing run directory needs `resume` (continue from its latest complete checkpoint; a finished
     reward model is kept) or `overwrite` (delete it first). SIGTERM/SIGINT stop at the next update boundary with a
-    checkpoint; a non-finite statistic or parameter raises FloatingPointError, keeping the last good checkpoint.
+    checkpoint (at the next reward training step, keeping nothing of it, while the reward model trains); a
+    non-finite statistic or parameter raises FloatingPointError, keeping the last good checkpoint. Under torchrun,
+    every rank resumes from the checkpoint rank 0 picks and must see it (ckpt.agreed_checkpoint).
     """
     run_dir = RunDir(hp.run.save_dir) if hp.run.save_dir else None
     chained = hp.rewards.train_new_model is not None
@@ -341,32 +354,40 @@ def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
     def prepare(info):
         """(latest checkpoint, reward trainer, PPO trainer, its restored state): everything loads now, except that
         with a chained reward model the PPO trainer loads after the reward model is trained."""
-        latest = ckpt.latest_checkpoint(run_dir.checkpoints) if resume and run_dir is not None else None
+        latest = ckpt.agreed_checkpoint(run_dir.checkpoints, info.is_main) if resume and run_dir is not None else None
         if chained:
             rm_hp = reward_hparams(hp, run_dir)
-            done = resume and run_dir.reward_model_complete()
+            done = resume and train_reward.finished_reward_model(run_dir, info)
             return latest, None if done else train_reward.build_trainer(rm_hp, info), None, None
         trainer = build_trainer(hp, info, hp.rewards.trained_model)
         return latest, None, trainer, trainer.load_checkpoint(latest) if latest is not None else None
 
     info, (latest, reward_trainer, trainer, state) = runs.open_run(hp, run_dir, resume=resume, overwrite=overwrite,
                                                                    prepare=prepare)
-    if reward_trainer is not None:
-        train_reward.run(reward_trainer)
-        reward_trainer = None  # free the reward training's models before loading the policy's
-    elif chained and info.is_main:
-        print(f"reward model already trained in {run_dir.reward_model}; skipping reward training")
-    if trainer is None:
-        with ckpt.validated_inputs(info.device):
-            trainer = build_trainer(hp, info, str(run_dir.reward_model))
-            state = trainer.load_checkpoint(latest) if latest is not None else None
-    return run(trainer, resumed_from=latest, state=state, resume=resume)
+    with SignalFlag() as signals:  # one flag from reward training to the end of PPO: no signal falls between them
+        if reward_trainer is not None:
+            try:
+                train_reward.run(reward_trainer, signals)
+            except train_reward.RewardTrainingStopped:
+                return run_dir.path  # stopped cleanly, as PPO does; rank 0 has said that nothing was kept
+            reward_trainer = None  # free the reward training's models before loading the policy's
+        elif chained and info.is_main:
+            print(f"reward model already trained in {run_dir.reward_model}; skipping reward training")
+        if trainer is None:
+            with ckpt.validated_inputs(info.device):
+                unseen = None if info.is_main or run_dir.reward_model_complete() else \
+                    f"{run_dir.reward_model} is missing or incomplete"
+                ckpt.check_every_rank_sees("the reward model that rank 0 saved", unseen)
+                trainer = build_trainer(hp, info, str(run_dir.reward_model))
+                state = trainer.load_checkpoint(latest) if latest is not None else None
+        return run(trainer, resumed_from=latest, state=state, resume=resume, signals=signals)
 
 
-def run(trainer: PPOTrainer, *, resumed_from=None, state=None, resume=False):
+def run(trainer: PPOTrainer, *, resumed_from=None, state=None, resume=False, signals=None):
     """PPO on a built trainer (restored from checkpoint `resumed_from` with its `state`), from its global_step to
     the last update: log every update, checkpoint every run.save_interval updates and at the end; returns the run
-    directory."""
+    directory. SIGTERM/SIGINT (recorded by `signals`, or by this call's own SignalFlag) stop it after the current
+    update with a checkpoint."""
     hp, info, latest = trainer.hp, trainer.info, resumed_from
     run_dir = RunDir(hp.run.save_dir) if hp.run.save_dir else None
     wandb_id = state.get("wandb_id") if state else None
@@ -382,7 +403,8 @@ def run(trainer: PPOTrainer, *, resumed_from=None, state=None, resume=False):
             print(f"no complete checkpoint to resume in {run_dir.checkpoints}; starting at update 0")
         if run_dir is not None:
             ckpt.remove_stale_tmp(run_dir.checkpoints)
-            ckpt.truncate_metrics(run_dir.policy_metrics, trainer.global_step)
+            with writing(run_dir.policy_metrics):
+                ckpt.truncate_metrics(run_dir.policy_metrics, trainer.global_step)
             runs.write_policy_metadata(run_dir, hp, trainer.policy, runs.encoding_name(hp.task.policy.initial_model),
                                        info.device)
     logger = Logger(is_main=info.is_main, metrics_path=run_dir.policy_metrics if run_dir else None,
@@ -393,7 +415,7 @@ def run(trainer: PPOTrainer, *, resumed_from=None, state=None, resume=False):
                dynamic_ncols=True)
     saved_at = trainer.global_step if latest is not None else None
     try:
-        with SignalFlag() as signals:
+        with contextlib.nullcontext(signals) if signals is not None else SignalFlag() as signals:
             while trainer.global_step < trainer.nupdates:
                 stats, data = trainer.step()
                 logger.log(stats, trainer.global_step)

@@ -6,6 +6,7 @@ scores its own share; the normalization sums, the gradients and every logged sta
 so gain, bias and all weights stay identical everywhere.
 """
 import math
+import sys
 import time
 
 import numpy as np
@@ -19,10 +20,16 @@ from lm_human_preferences.language.datasets import QuerySampler
 from lm_human_preferences.runs import RunDir
 from lm_human_preferences.utils import ckpt, dist
 from lm_human_preferences.utils.core import SampleBuffer
+from lm_human_preferences.utils.files import WriteError, writing
 from lm_human_preferences.utils.logging import Logger, format_stats
 from lm_human_preferences.utils.optim import TFAdam
+from lm_human_preferences.utils.signals import SignalFlag
 from lm_human_preferences.utils.training import (chunks, nonfinite_parameter, nonfinite_statistic, optimizer_step,
                                                  seed_rank, wrap_ddp)
+
+
+class RewardTrainingStopped(KeyboardInterrupt):
+    """SIGTERM/SIGINT stopped reward training at a step boundary (rank 0 has said so); nothing of it is kept."""
 
 
 def label_batch_loss(reward_fn, label_type, batch, device):
@@ -85,7 +92,12 @@ class RewardTrainer:
 
     def normalize(self, target, tag: str) -> dict:
         """Resets gain/bias to (1, 0), then sets them so rewards of reference samples have (target mean, target
-        std); returns the statistics to log."""
+        std); returns the statistics to log. With normalize_samples 0 it does nothing and returns {}, as in the
+        original."""
+        if not self.hp.normalize_samples:
+            if self.info.is_main:
+                print(f"{tag}: skipped (normalize_samples is 0), gain and bias unchanged")
+            return {}
         rm = self.reward_model
         rm.reset_reward_scale()
         mean, std = self.reward_stats(self.hp.normalize_samples)
@@ -168,6 +180,8 @@ def build_trainer(hp: TrainRewardHParams, info) -> RewardTrainer:
         n_vocab=enc.n_vocab, padding_token=enc.padding_token, num_train=hp.labels.num_train)
     ref_policy = runs.build_policy(task, enc, prefix, suffix, info.device, frozen=True)
     reward_model = runs.build_reward_model(task, enc, info.device)
+    if info.is_main and hp.run.save_dir:
+        runs.check_space_for_reward_model(RunDir(hp.run.save_dir), reward_model)
     dist.broadcast_module(ref_policy)
     dist.broadcast_module(reward_model)
     sampler = QuerySampler(task.query_dataset, "train", enc, task.query_length, task.start_text, task.end_text,
@@ -186,9 +200,12 @@ def train(hp: TrainRewardHParams, *, resume=False, overwrite=False):
     kept, an unfinished one is trained again from the start) or `overwrite` (the run directory is deleted first).
     """
     run_dir = RunDir(hp.run.save_dir) if hp.run.save_dir else None
-    done = resume and run_dir is not None and run_dir.reward_model_complete()
-    info, trainer = runs.open_run(hp, run_dir, resume=resume, overwrite=overwrite,
-                                  prepare=lambda info: None if done else build_trainer(hp, info))
+
+    def prepare(info):
+        done = resume and run_dir is not None and finished_reward_model(run_dir, info)
+        return done, None if done else build_trainer(hp, info)
+
+    info, (done, trainer) = runs.open_run(hp, run_dir, resume=resume, overwrite=overwrite, prepare=prepare)
     if done:
         if info.is_main:
             print(f"reward model already trained in {run_dir.reward_model}; skipping reward training")
@@ -196,14 +213,39 @@ def train(hp: TrainRewardHParams, *, resume=False, overwrite=False):
     return run(trainer)
 
 
-def run(trainer: RewardTrainer):
-    """Reward training on a built trainer: normalize_before, one epoch, normalize_after, held-out eval, save."""
+def finished_reward_model(run_dir: RunDir, info) -> bool:
+    """Collective: whether rank 0 finds a finished reward model in the run directory (--resume keeps it); every
+    rank takes rank 0's answer, so no rank trains while another skips training."""
+    return dist.broadcast_object(run_dir.reward_model_complete() if info.is_main else None)
+
+
+def stop_if_signalled(signals: SignalFlag, info, steps_done: int, nsteps: int):
+    """Collective: once any rank received SIGTERM/SIGINT, rank 0 says what was kept and every rank raises
+    RewardTrainingStopped."""
+    if dist.all_ranks_agree(signals.received is not None, info.device):
+        if info.is_main:
+            print(f"\nstopped by {signals.received or 'a signal on another rank'} at reward training step "
+                  f"{steps_done} of {nsteps}; a reward model is saved only when its training finishes, so none was "
+                  f"kept. Resume with the same command plus --resume (reward training starts again from the "
+                  f"beginning)", file=sys.stderr)
+        raise RewardTrainingStopped()
+
+
+def run(trainer: RewardTrainer, signals: SignalFlag = None):
+    """Reward training on a built trainer: normalize_before, one epoch, normalize_after, held-out eval, save.
+
+    SIGTERM/SIGINT (recorded by `signals`, or by this call's own SignalFlag) stop it after normalize_before or
+    after any step but the last with RewardTrainingStopped; a signal later than that lets it finish and save."""
+    if signals is None:
+        with SignalFlag() as signals:
+            return run(trainer, signals)
     hp, info, label_type = trainer.hp, trainer.info, trainer.label_type
     run_dir = RunDir(hp.run.save_dir) if hp.run.save_dir else None
     if info.is_main:
         hp.dump()
         if run_dir is not None:  # records of an earlier, unfinished attempt
-            ckpt.truncate_metrics(run_dir.reward_metrics, 0)
+            with writing(run_dir.reward_metrics):
+                ckpt.truncate_metrics(run_dir.reward_metrics, 0)
     logger = Logger(is_main=info.is_main, metrics_path=run_dir.reward_metrics if run_dir else None,
                     config=hp.to_nested_dict(), wandb_setting=hp.run.wandb, wandb_project=hp.run.wandb_project,
                     run_name=run_dir.path.name + "/reward" if run_dir else None)
@@ -211,7 +253,10 @@ def run(trainer: RewardTrainer):
     try:
         if hp.normalize_before:
             target = label_type.target_mean_std(trainer.train_buffer.data())
-            logger.log(trainer.normalize(target, "normalize_before"), 0)
+            norm_stats = trainer.normalize(target, "normalize_before")
+            if norm_stats:
+                logger.log(norm_stats, 0)
+        stop_if_signalled(signals, info, 0, trainer.nsteps)
         bar = tqdm(range(trainer.nsteps), desc="train_reward", disable=not info.is_main, dynamic_ncols=True)
         for step in bar:
             stats = trainer.step()
@@ -221,9 +266,13 @@ def run(trainer: RewardTrainer):
             if hp.run.eval_interval and step % hp.run.eval_interval == 0 and step > 0:
                 logger.log(trainer.evaluate_heldout(), step)
             trainer.global_step += 1
+            if trainer.global_step < trainer.nsteps:
+                stop_if_signalled(signals, info, trainer.global_step, trainer.nsteps)
 
         if hp.normalize_after:
-            logger.log(trainer.normalize((0.0, 1.0), "normalize_after"), trainer.nsteps)
+            norm_stats = trainer.normalize((0.0, 1.0), "normalize_after")
+            if norm_stats:
+                logger.log(norm_stats, trainer.nsteps)
         heldout_stats = trainer.evaluate_heldout()
         if heldout_stats:
             logger.log(heldout_stats, trainer.nsteps)
@@ -232,8 +281,12 @@ def run(trainer: RewardTrainer):
         elapsed = time.time() - t0
         logger.log({"train_reward/elapsed/time": elapsed}, trainer.nsteps)
         if info.is_main and run_dir is not None:
-            runs.save_reward_model(run_dir, trainer.reward_model, hp, runs.encoding_name(hp.task.policy.initial_model),
-                                   info.device)
+            try:
+                runs.save_reward_model(run_dir, trainer.reward_model, hp,
+                                       runs.encoding_name(hp.task.policy.initial_model), info.device)
+            except WriteError as e:
+                raise WriteError(f"the reward training finished but its model could not be saved, so it is lost "
+                                 f"(--resume trains it again): {e}", e.path, e.errno) from e
             print(f"saved reward model to {run_dir.reward_model} ({elapsed:.1f}s)")
         dist.barrier()
     finally:

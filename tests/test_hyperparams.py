@@ -1,16 +1,22 @@
 """The typed hyperparameter system (ORIGINAL §2.2) and the validation rules of the real classes (§3.1)."""
 
+import dataclasses
 import io
 import json
+import re
+import typing
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import pytest
+import torch
 
+import params
 from lm_human_preferences.hparams import (AdaptiveKLParams, TrainPolicyHParams, TrainRewardHParams,
                                           check_world_size)
 from lm_human_preferences.utils.hyperparams import HParams, HParamsError
+from lm_human_preferences.utils.training import seed_rank
 
 
 @dataclass
@@ -266,7 +272,7 @@ def test_reward_validation():
         _reward_hparams(**{'labels.source': None}).validate()
     with pytest.raises(HParamsError, match="'labels.type' = 'best_of'"):
         _reward_hparams(**{'labels.type': 'best_of'}).validate()
-    with pytest.raises(HParamsError, match=r"'labels.type' = 'best_of_1' is not a label type: .*N >= 2"):
+    with pytest.raises(HParamsError, match=r"'labels.type' = 'best_of_1' is not a label type: .*2 <= N <= 1000"):
         _reward_hparams(**{'labels.type': 'best_of_1'}).validate()
     with pytest.raises(HParamsError, match="'task.policy.temperature' must be > 0"):
         _reward_hparams(**{'task.policy.temperature': 0.0}).validate()
@@ -332,3 +338,77 @@ def test_deprecated_rewards_whiten_alias():
     assert hp.ppo.whiten_rewards is False
     with pytest.raises(HParamsError, match='keep only'):
         hp.override_from_dict({'rewards.whiten': False, 'ppo.whiten_rewards': True})
+
+
+# ---- numbers that make a run meaningless: NaN/inf floats, ints beyond 64 bits --------------------------------
+
+def _leaf_keys(cls, leaf_type, prefix=''):
+    """Every dotted key of an HParams class whose declared type is `leaf_type` or Optional[leaf_type]."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        ty = typing.get_type_hints(cls)[f.name]
+        args = [a for a in typing.get_args(ty) if a is not type(None)] if typing.get_origin(ty) is Union else [ty]
+        if isinstance(args[0], type) and issubclass(args[0], HParams):
+            keys += _leaf_keys(args[0], leaf_type, f'{prefix}{f.name}.')
+        elif args[0] is leaf_type:
+            keys.append(prefix + f.name)
+    return keys
+
+
+POLICY_FLOATS = _leaf_keys(TrainPolicyHParams, float)
+POLICY_INTS = _leaf_keys(TrainPolicyHParams, int)
+
+
+def test_the_leaf_key_lists_cover_the_classes():
+    assert {'ppo.lr', 'rewards.kl_coef', 'rewards.adaptive_kl.target', 'task.policy.temperature',
+            'rewards.train_new_model.lr', 'ppo.gamma'} <= set(POLICY_FLOATS)
+    assert {'run.seed', 'rewards.train_new_model.run.seed', 'ppo.batch_size', 'task.truncate_token'} <= set(POLICY_INTS)
+
+
+@pytest.mark.parametrize('key', POLICY_FLOATS)
+@pytest.mark.parametrize('text', ['nan', 'inf', '-inf', '1e999'])
+def test_every_float_hyperparameter_rejects_nan_and_inf(key, text):
+    value = float(text)
+    with pytest.raises(HParamsError, match=re.escape(f"'{key}' = {value!r} is not a finite number: pass a finite "
+                                                     f"value")):
+        params.get_hparams('train_policy', 'test', {key: text})
+
+
+def test_nan_from_a_json_file_is_rejected_too():
+    nested = json.loads('{"ppo": {"lr": NaN}, "rewards": {"kl_coef": Infinity}}')
+    hp = params.get_hparams('train_policy', 'test')
+    hp.override_from_nested_dict(nested)
+    with pytest.raises(HParamsError, match="'rewards.kl_coef' = inf is not a finite number"):
+        hp.validate()
+    hp = Simple(mandatory=1, rate=float('nan'))
+    with pytest.raises(HParamsError, match="'rate' = nan is not a finite number"):
+        hp.validate()
+
+
+@pytest.mark.parametrize('key', POLICY_INTS)
+@pytest.mark.parametrize('value', [2**63, -2**63 - 1, 10**30])
+def test_every_int_hyperparameter_must_fit_64_bits(key, value):
+    with pytest.raises(HParamsError, match=re.escape(f"'{key}' = {value} does not fit a 64-bit integer: pass a value "
+                                                     f"in [-2**63, 2**63)")):
+        params.get_hparams('train_policy', 'test', {key: str(value)})
+
+
+@pytest.mark.parametrize('seed', [2**63 - 1, -2**63, 0])
+def test_every_64_bit_seed_seeds_every_rank(seed):
+    hp = params.get_hparams('train_policy', 'test', {'run.seed': str(seed)})
+    for rank in (0, 1, 1000):
+        np_rng, generator = seed_rank(hp.run.seed, rank, torch.device('cpu'))
+        np_rng.permutation(4), torch.randn(1, generator=generator)
+
+
+def test_seed_as_a_float_string_names_the_key():
+    with pytest.raises(HParamsError, match="'run.seed' = 1000000000000000019884624838656 does not fit a 64-bit"):
+        params.get_hparams('train_reward', 'test', {'run.seed': '1e30'})
+
+
+def test_truncate_after_must_leave_room_for_the_truncate_token():
+    _reward_hparams(**{'task.truncate_token': 3, 'task.truncate_after': 3}).validate()
+    _reward_hparams(**{'task.truncate_after': 9}).validate()  # no truncate token: truncate_after is unused
+    with pytest.raises(HParamsError, match=r"'task.truncate_after' \(4\) must be < 'task.response_length' \(4\): "
+                                           r"the truncate token never counts"):
+        _reward_hparams(**{'task.truncate_token': 3, 'task.truncate_after': 4}).validate()

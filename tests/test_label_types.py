@@ -39,7 +39,7 @@ def test_get_label_type_parses_names():
     for bad in ("best_of_x", "best_of_", "pairwise", "best_of_4 "):
         with pytest.raises(ValueError, match="scalar_rating, scalar_compare"):
             label_types.get_label_type(bad)
-    with pytest.raises(ValueError, match="N >= 2"):
+    with pytest.raises(ValueError, match="2 <= N <= 1000"):
         label_types.get_label_type("best_of_1")
 
 
@@ -63,13 +63,25 @@ def test_field_kinds():
 @pytest.mark.parametrize("name", ["best_of_0", "best_of_1", "best_of_x", "best_of_", "pairwise"])
 def test_hparams_and_label_files_reject_what_label_types_rejects(name):
     """The three places that see a label type name agree, with label_types' one message (best_of_1 included)."""
-    message = re.escape(f"{name!r} is not a label type: valid types are best_of_N (N >= 2, e.g. best_of_4)")
+    message = re.escape(f"{name!r} is not a label type: valid types are best_of_N (2 <= N <= 1000, e.g. best_of_4)")
     with pytest.raises(ValueError, match=message):
         label_types.get_label_type(name)
     with pytest.raises(ValueError, match=message):
         label_files.label_schema(name)
     with pytest.raises(HParamsError, match=f"'labels.type' = {message}"):
         LabelHParams(type=name, num_train=8, source="test").validate(prefix="labels.")
+
+
+@pytest.mark.parametrize("n", ["1001", "99999999999999999999999", "9" * 5000])
+def test_best_of_n_is_bounded(n):
+    """A huge N is refused with the one message (not a MemoryError or an int-conversion error), shortened."""
+    name = f"best_of_{n}"
+    for check in (label_types.get_label_type, label_files.label_schema,
+                  lambda name: LabelHParams(type=name, num_train=8, source="test").validate(prefix="labels.")):
+        with pytest.raises(ValueError, match=r"is not a label type: valid types are best_of_N \(2 <= N <= 1000") as e:
+            check(name)
+        assert len(str(e.value)) < 200
+    assert label_types.get_label_type("best_of_1000").num_responses == 1000
 
 
 @pytest.mark.parametrize("name", ["best_of_2", "best_of_7", "scalar_rating", "scalar_compare"])

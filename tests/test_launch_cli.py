@@ -102,6 +102,9 @@ def _install(monkeypatch, dotted, module):
     parent_name, _, name = dotted.rpartition('.')
     monkeypatch.setitem(sys.modules, dotted, module)
     monkeypatch.setattr(importlib.import_module(parent_name), name, module, raising=False)
+    launch = sys.modules.get('launch')
+    if launch is not None:  # launch.py imports the command modules at its top
+        monkeypatch.setattr(launch, name, module, raising=False)
 
 
 @pytest.fixture

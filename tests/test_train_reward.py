@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+import params
+from lm_human_preferences import train_reward
 from lm_human_preferences.label_types import get_label_type
 from lm_human_preferences.language.model import GPT2, GPT2Config
 from lm_human_preferences.language.trained_models import tf_to_state_dict
@@ -150,3 +152,17 @@ def test_normalize_then_train_then_normalize_as_original(ref):
     np.testing.assert_allclose(final.numpy(), ref["out/rewards_final"], rtol=1e-4, atol=1e-5)
     # after normalization the reference samples have mean 0 and std 1 (population)
     np.testing.assert_allclose(population(final.flatten()), (0.0, 1.0), atol=1e-5)
+
+
+def test_normalize_samples_0_skips_normalization_as_the_original(capsys):
+    """The original's normalize() returns at once for normalize_samples 0: gain and bias keep their values (no 0/0)."""
+    hp = params.get_hparams("train_reward", "test", {"normalize_samples": "0", "debug_normalize": "8"})
+    trainer = train_reward.build_trainer(hp, DistInfo())
+    with torch.no_grad():
+        trainer.reward_model.gain.fill_(2.5)
+        trainer.reward_model.bias.fill_(-0.5)
+    assert trainer.normalize((0.0, 1.0), "normalize_after") == {}
+    assert (trainer.reward_model.gain.item(), trainer.reward_model.bias.item()) == (2.5, -0.5)
+    assert "normalize_after: skipped (normalize_samples is 0), gain and bias unchanged" in capsys.readouterr().out
+    reward_model = train_reward.run(trainer)  # normalize_before and normalize_after on, no run directory
+    assert torch.isfinite(reward_model.gain) and torch.isfinite(reward_model.bias)

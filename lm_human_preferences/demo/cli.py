@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Optional
 
 from lm_human_preferences.demo import corpus, labeler
-from lm_human_preferences.demo.profiles import PROFILES, DemoPaths
+from lm_human_preferences.demo.profiles import PROFILES, DemoPaths, task_binds
 from lm_human_preferences.demo.report import format_report, write_report
 from lm_human_preferences.demo.stages import DemoContext, DemoInterrupted, run_stages
 from lm_human_preferences.utils.dist import resolve_device
+from lm_human_preferences.utils.files import unwritable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "static" / "demo"
@@ -54,9 +55,15 @@ def main(argv: Optional[list] = None) -> int:
     cache_dir = args.cache_dir.expanduser().resolve()
     out = (args.out or (cache_dir / profile.name / "report" if args.fast else DEFAULT_OUT)).expanduser().resolve()
     paths = DemoPaths(work=cache_dir / profile.name, out=out)
-    try:
+    try:  # every input, before any stage runs
         labeler.make_labeler()
-        corpus.fortune_files(args.corpus_dir)
+        task = task_binds(profile, paths)
+        corpus.check_corpus(args.corpus_dir, window=profile.pretrain.n_ctx + 1, query_length=profile.query_length,
+                            start_text=task["start_text"], end_text=task["end_text"])
+        for option, path in (("--cache_dir", cache_dir), ("--out", out)):
+            problem = unwritable(path, directory=True)
+            if problem is not None:
+                raise ValueError(f"cannot write {option} {path}: {problem}; pass a writable directory")
         device = resolve_device(args.device)
     except (ImportError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ shuffled order, into three disjoint parts written as prepared token files (`lang
 * `queries_test`: held-out documents for the evaluation queries.
 
 The task reads the last two through `QuerySampler` with the path prefix `<dir>/queries` (modes train / test).
+`check_corpus` tells, before any stage runs, whether a corpus is large enough for that.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import random
 import re
 from pathlib import Path
 
-from lm_human_preferences.language.datasets import token_file_paths, write_token_file
+from lm_human_preferences.language.datasets import make_query, token_file_paths, write_token_file
 from lm_human_preferences.language.encodings import get_encoding
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")  # where Debian's `fortunes` package installs its files
@@ -34,6 +35,10 @@ _SEPARATOR = re.compile(r"^%[ \t]*$", flags=re.MULTILINE)
 
 class CorpusMissingError(FileNotFoundError):
     """Debian's fortunes corpus is not installed (or the given directory holds no fortune files)."""
+
+
+class CorpusError(ValueError):
+    """Fortune files that cannot make the demo: no entries, or too few for its splits, windows and queries."""
 
 
 def missing_corpus_message(directory: Path) -> str:
@@ -68,10 +73,12 @@ def split_entries_of(text: str) -> list[str]:
 def read_fortunes(directory: Path = FORTUNES_DIR) -> list[str]:
     """Every cleaned entry of every fortune file in `directory`, files in name order."""
     entries = []
-    for path in fortune_files(directory):
+    files = fortune_files(directory)
+    for path in files:
         entries.extend(split_entries_of(path.read_text(encoding="utf-8", errors="replace")))
     if not entries:
-        raise CorpusMissingError(missing_corpus_message(Path(directory)))
+        raise CorpusError(f"the {len(files)} fortune file(s) in {directory} hold no entries (text between lines "
+                          f"that hold only '%'); {_MORE_ENTRIES}")
     return entries
 
 
@@ -84,6 +91,43 @@ def split_corpus(entries: list[str], seed: int = SPLIT_SEED) -> dict[str, list[s
     bounds = {"lm_train": (0, n_lm), "queries_train": (n_lm, n_lm + n_queries),
               "queries_test": (n_lm + n_queries, len(order))}
     return {name: [entries[i] for i in order[lo:hi]] for name, (lo, hi) in bounds.items()}
+
+
+_MORE_ENTRIES = (f"pass --corpus_dir with more '%'-separated entries (Debian's fortunes has about 15,000: "
+                 f"`{INSTALL_COMMAND}`)")
+
+
+def check_corpus(directory: Path, *, window: int, query_length: int, start_text: str, end_text: str) -> int:
+    """Checks, before any stage runs, that the corpus in `directory` can make the demo, and returns its number of
+    entries: every part of the split is non-empty, the pretraining text and the held-out part (the pretraining's
+    held-out loss) each hold one window of `window` tokens, and each query part makes at least one query of
+    `query_length` tokens after `start_text` and ending with `end_text` (the task's settings). CorpusError naming
+    the problem and the fix otherwise; CorpusMissingError without fortune files."""
+    entries = read_fortunes(directory)
+    parts = split_corpus(entries)
+    empty = [name for name in SPLIT_NAMES if not parts[name]]
+    if empty:
+        raise CorpusError(f"the corpus in {directory} has {len(entries)} entries, too few to split into pretraining "
+                          f"text, training queries and held-out queries ({', '.join(empty)} would be empty); "
+                          f"{_MORE_ENTRIES}")
+    enc = get_encoding("main")
+    start_token, end_token = enc.encode_single_token(start_text), enc.encode_single_token(end_text)
+    for name in ("lm_train", "queries_test"):
+        tokens = 0
+        for text in parts[name]:
+            tokens += len(enc.encode(text)) + 1  # + the end-of-text token between documents
+            if tokens >= window:
+                break
+        else:
+            raise CorpusError(f"the {name} part of the corpus in {directory} ({len(parts[name])} entries) holds "
+                              f"{tokens} tokens, fewer than one pretraining window of {window}; {_MORE_ENTRIES}")
+    for name in ("queries_train", "queries_test"):
+        if not any(make_query(enc.encode(text), query_length, start_token=start_token, end_token=end_token,
+                              padding_token=enc.padding_token) is not None for text in parts[name]):
+            raise CorpusError(f"the {name} part of the corpus in {directory} ({len(parts[name])} entries) makes no "
+                              f"query: no entry has text after {start_text!r} that ends with {end_text!r} within "
+                              f"{query_length} tokens; {_MORE_ENTRIES}")
+    return len(entries)
 
 
 def corpus_files(out_dir: Path) -> list[Path]:

@@ -4,20 +4,24 @@ A finished stage writes `<work_dir>/stages/<stage>.json` with its settings, its 
 dict of results and the sha256 of every output file. A later run skips a stage whose marker exists, whose settings
 are the same and whose outputs still hash the same; a missing marker means the stage never finished (it runs
 again, resuming where it can), and a marker whose outputs changed means the cache is corrupt (the stage and every
-later one run again).
+later one run again). A marker that is unreadable or not of this structure counts as not cached, with the reason.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 from lm_human_preferences.utils.ckpt import atomic_write_json
+from lm_human_preferences.utils.files import writing
 
 MARKER_DIR = "stages"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -66,12 +70,14 @@ class StageMarkers:
             return StageStatus(done=False)
         try:
             marker = json.loads(path.read_text())
-            outputs = marker["outputs"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON, nested too deep
             return StageStatus(done=False, reason=f"its marker {path} is unreadable ({e})")
-        if marker.get("config") != _plain_json(config):
+        problem = marker_problem(marker, stage)
+        if problem is not None:
+            return StageStatus(done=False, reason=f"its marker {path} is not a stage marker ({problem})")
+        if marker["config"] != _plain_json(config):
             return StageStatus(done=False, reason="it was made with other settings", marker=marker)
-        for rel, expected in outputs.items():
+        for rel, expected in marker["outputs"].items():
             file = self.work_dir / rel
             if not file.is_file():
                 return StageStatus(done=False, reason=f"{file} is missing", marker=marker)
@@ -89,13 +95,41 @@ class StageMarkers:
         marker = {"stage": stage, "config": _plain_json(config), "seconds": seconds, "cpu_seconds": cpu_seconds, "results": results or {},
                   "outputs": {p.resolve().relative_to(self.work_dir.resolve()).as_posix(): file_sha256(p)
                               for p in files}}
-        atomic_write_json(self.path(stage), marker)
+        with writing(self.path(stage)):
+            atomic_write_json(self.path(stage), marker)
         return marker
 
     def invalidate_from(self, stage: str) -> None:
         """Removes the markers of `stage` and of every later stage."""
         for later in self.stages[self.stages.index(stage):]:
             self.path(later).unlink(missing_ok=True)
+
+
+def marker_problem(marker, stage: str) -> Optional[str]:
+    """What makes `marker` (parsed JSON) not the marker `mark_done` writes for `stage`, or None."""
+    if not isinstance(marker, dict):
+        return f"{json.dumps(marker)[:40]} is not a JSON object"
+    missing = [k for k in ("stage", "config", "seconds", "cpu_seconds", "results", "outputs") if k not in marker]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if marker["stage"] != stage:
+        return f"it is the marker of stage {marker['stage']!r}"
+    for key in ("seconds", "cpu_seconds"):
+        value = marker[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            return f"{key} is {value!r}, not a number of seconds"
+    if not isinstance(marker["results"], dict):
+        return "results is not an object"
+    outputs = marker["outputs"]
+    if not isinstance(outputs, dict):
+        return "outputs is not an object"
+    for rel, digest in outputs.items():
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts or "\0" in rel:
+            return f"output {rel!r} is not a path inside the work directory"
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            return f"the sha256 of output {rel!r} is {digest!r}"
+    return None
 
 
 def remove_paths(paths: Sequence[Path]) -> None:

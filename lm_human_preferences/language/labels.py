@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import reprlib
 
 import numpy as np
 
@@ -58,10 +59,19 @@ def zero_records(label_type: str, *, query_length: int, response_length: int) ->
 def read_label_file(source: str | os.PathLike) -> list:
     """The parsed JSON of a label file (URL via the download cache, or local path)."""
     path = fetch(source)
+    if path.is_dir():
+        raise ValueError(f"label source {str(source)!r} is a directory: pass the label JSON file itself "
+                         f"(--labels.source FILE)")
     try:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise ValueError(f"label source {str(source)!r} ({path}) cannot be read ({e.strerror}): pass a readable "
+                         f"label JSON file") from None
+    except RecursionError:
+        raise ValueError(f"label source {str(source)!r} ({path}) is nested too deeply to be label records: expected "
+                         f"a JSON list of label records") from None
+    except ValueError as e:  # bad JSON or UTF-8, or an integer too long to parse
         raise ValueError(f"label source {str(source)!r} ({path}) is not valid JSON ({e}): expected a JSON list of "
                          f"label records; if it was downloaded, the file may be truncated: delete it and retry") from None
     if not isinstance(records, list):
@@ -93,15 +103,15 @@ def _check_record(index: int, record, schema: dict[str, str], lengths: dict[str,
                 raise ValueError(f"{where}, field {field!r}: expected {length} token ids ({name}), got {len(value)}")
             if not set(map(type, value)) <= {int}:
                 bad = next(v for v in value if type(v) is not int)
-                raise ValueError(f"{where}, field {field!r}: token ids must be integers, got {bad!r}")
+                raise ValueError(f"{where}, field {field!r}: token ids must be integers, got {reprlib.repr(bad)}")
         elif kind == "int":
             if not _is_int(value):
-                raise ValueError(f"{where}, field {field!r}: expected an integer, got {value!r}")
+                raise ValueError(f"{where}, field {field!r}: expected an integer, got {reprlib.repr(value)}")
             if not 0 <= value < num_responses:  # an 'int' field is the index of a response
                 raise ValueError(f"{where}, field {field!r}: {value} is out of range [0, {num_responses})")
         elif kind == "float":
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{where}, field {field!r}: expected a finite number, got {value!r}")
+                raise ValueError(f"{where}, field {field!r}: expected a finite number, got {reprlib.repr(value)}")
 
 
 def _token_array(records: list, field: str, length: int, *, n_vocab: int, padding_token: int,

@@ -5,6 +5,7 @@ n_embd, n_head, n_layer); `saved_models/prepare_pytorch_checkpoint.py` writes on
 """
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ def tf_to_state_dict(tf_vars: dict, n_layer: int, scope: str = "model", heads=()
         names += _tf_layer_names(i)
     for head in heads:
         names += [(f"heads/{head}/w", f"heads.{head}.w", False), (f"heads/{head}/b", f"heads.{head}.b", False)]
+    _check_no_extra_layers((re.fullmatch(rf"{re.escape(scope)}/h(\d+)/.*", k) for k in tf_vars), n_layer, "TF")
     out = {}
     for tf_name, ours, is_conv in names:
         full = f"{scope}/{tf_name}"
@@ -69,6 +71,8 @@ def hf_to_state_dict(hf_sd: dict, n_layer: int) -> dict:
         expected += [f"h.{i}.{n}" for n in ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
                                              "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
                                              "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")]
+    _check_no_extra_layers((re.fullmatch(rf"{re.escape(prefix)}h\.(\d+)\..*", k) for k in hf_sd), n_layer,
+                           "Hugging Face")
     for name in expected:
         key = prefix + name
         if key not in hf_sd:
@@ -78,8 +82,28 @@ def hf_to_state_dict(hf_sd: dict, n_layer: int) -> dict:
     return out
 
 
-def check_state_dict(model: torch.nn.Module, state_dict: dict, *, allow_missing_heads=True):
-    """Raises CheckpointError naming the first tensor whose name or shape does not match `model`."""
+def _check_no_extra_layers(layer_matches, n_layer: int, kind: str):
+    """CheckpointError if a checkpoint holds a block beyond `n_layer` (its config would silently drop it)."""
+    layers = {int(m.group(1)) for m in layer_matches if m is not None}
+    if layers and max(layers) >= n_layer:
+        raise CheckpointError(f"{kind} checkpoint has {max(layers) + 1} layers (h{max(layers)} exists) but its config "
+                              f"says n_layer={n_layer}; the extra layers would be dropped: fix n_layer in the config")
+
+
+def check_tensor_values(name: str, t: torch.Tensor, source=None):
+    """CheckpointError unless the checkpoint tensor `name` is floating point and finite."""
+    where = f" in {source}" if source is not None else ""
+    if not t.is_floating_point():
+        raise CheckpointError(f"checkpoint tensor {name!r}{where} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                              f"but model weights are floating point: it is not a checkpoint of this model")
+    if not torch.isfinite(t).all():
+        raise CheckpointError(f"checkpoint tensor {name!r}{where} holds NaN or infinite values: the model it was "
+                              f"saved from had diverged; use another checkpoint")
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict, *, allow_missing_heads=True, source=None):
+    """Raises CheckpointError naming the first tensor whose name or shape does not match `model`, or that is not
+    floating point or not finite (`source`, the file, is named in those messages)."""
     expected = model.state_dict()
     for name, t in state_dict.items():
         if name not in expected:
@@ -87,6 +111,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, *, allow_missing_
         if tuple(t.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)} but the model expects "
                                   f"{tuple(expected[name].shape)}; was it written for another model size?")
+        check_tensor_values(name, t, source)
     for name in expected:
         if name not in state_dict and not (allow_missing_heads and name.startswith("heads.")):
             raise CheckpointError(f"checkpoint has no tensor {name!r}")
@@ -113,14 +138,40 @@ def resolve_model_dir(initial_model: str) -> Path:
     raise FileNotFoundError(f"no prepared model {initial_model!r}: neither a directory nor {candidate}. Prepare it with: {hint}")
 
 
+CONFIG_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+MAX_CONFIG_VALUE = 2**31 - 1  # token ids are int32 in label buffers; no GPT-2 dimension comes near it
+
+
+def model_config(d, source) -> GPT2Config:
+    """The GPT2Config of a model's hparams dict (extra keys such as the original's dropout rates are ignored);
+    CheckpointError naming `source` and the key unless every size is a positive integer and n_head divides n_embd."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{source} holds a JSON {type(d).__name__}, expected an object with "
+                              f"{', '.join(CONFIG_KEYS)}")
+    missing = [k for k in CONFIG_KEYS if k not in d]
+    if missing:
+        raise CheckpointError(f"{source} lacks {', '.join(missing)}; a model config needs {', '.join(CONFIG_KEYS)}")
+    for k in CONFIG_KEYS:
+        value = d[k]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONFIG_VALUE:
+            raise CheckpointError(f"{source}: {k} = {json.dumps(value)[:40]} must be a positive integer (at most "
+                                  f"{MAX_CONFIG_VALUE}): fix it in the file")
+    if d["n_embd"] % d["n_head"]:
+        raise CheckpointError(f"{source}: n_embd = {d['n_embd']} must be divisible by n_head = {d['n_head']}: fix "
+                              f"them in the file")
+    return GPT2Config(**{k: d[k] for k in CONFIG_KEYS})
+
+
 def read_model_config(model_dir) -> GPT2Config:
+    """The checked GPT2Config of a model directory's hparams.json."""
     path = Path(model_dir) / "hparams.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; a model directory needs hparams.json and model.safetensors")
     try:
-        return GPT2Config.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
+        d = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, an int too long to parse, too deeply nested
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-run prepare_pytorch_checkpoint.py") from e
+    return model_config(d, path)
 
 
 def load_model(initial_model: str, scalar_heads=(), n_vocab: int | None = None, device="cpu") -> GPT2:
@@ -140,7 +191,7 @@ def load_model(initial_model: str, scalar_heads=(), n_vocab: int | None = None, 
         sd = load_tensors(model_dir / "model.safetensors")
         # heads the caller did not ask for (a policy's value head when loading a reward model) are dropped
         sd = {k: v for k, v in sd.items() if not k.startswith("heads.") or k.split(".")[1] in scalar_heads}
-        check_state_dict(model, sd)
+        check_state_dict(model, sd, source=model_dir / "model.safetensors")
         model.load_state_dict(sd, strict=False)
     if n_vocab is not None and model.config.n_vocab != n_vocab:
         raise CheckpointError(f"model {initial_model!r} has n_vocab={model.config.n_vocab} but the encoding has "

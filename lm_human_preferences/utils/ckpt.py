@@ -2,9 +2,12 @@
 
 Every file the project writes goes through `files.atomic_open` (a temporary name in the same directory, flushed,
 fsynced and renamed), so a crash or a full disk never leaves a half-written file under a real name. A checkpoint
-is a directory `step-<N>` that is first assembled as `step-<N>.tmp` and renamed when complete; readers only ever
-look at complete ones. Nothing here unpickles arbitrary objects: tensors go through safetensors, small state
-through JSON, optimizer state through `torch.save` read back with `weights_only=True`.
+is a directory `step-<N>` that is first assembled as `step-<N>.tmp`, marked COMPLETE once every file is there and
+renamed; readers only ever look at complete ones, and `--resume` refuses to pass over incomplete ones. Under
+torchrun rank 0 writes the whole run directory, and every rank resumes from the checkpoint rank 0 picks, which it
+must see at the same path (`agreed_checkpoint`): run.save_dir has to be on a filesystem every node sees. Nothing
+here unpickles arbitrary objects: tensors go through safetensors, small state through JSON, optimizer state
+through `torch.save` read back with `weights_only=True`.
 
 A run directory is never modified by a new run unless the user asked (`--resume` continues it, `--overwrite`
 deletes it first); every check of user input happens before the first write (`input_errors` marks that phase).
@@ -16,7 +19,10 @@ import json
 import pickle
 import re
 import shutil
+import socket
+import uuid
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
@@ -27,6 +33,9 @@ from lm_human_preferences.utils.download import DownloadError
 from lm_human_preferences.utils.files import atomic_write_bytes, replace_dir
 
 STEP_RE = re.compile(r"^step-(\d+)$")
+COMPLETE_FILE = "COMPLETE"  # written last into a checkpoint directory: "ok <id>", the id unique to that checkpoint
+SHARED_FILESYSTEM = ("run.save_dir must be on a filesystem every node sees, at the same path: rank 0 writes the whole "
+                     "run directory and every rank reads it")
 
 
 class InputError(ValueError):
@@ -120,17 +129,23 @@ def torch_load_safe(path):
 
 # ---- checkpoint directories --------------------------------------------------------------------------------
 
-def checkpoint_dirs(root) -> list:
-    """Complete checkpoint directories under root, oldest first."""
+def step_dirs(root) -> list:
+    """Every `step-N` directory under root, complete or not, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        m = STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / "COMPLETE").is_file():
-            found.append((int(m.group(1)), p))
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def is_complete(path) -> bool:
+    """Whether checkpoint directory `path` has its COMPLETE marker (written last)."""
+    return (Path(path) / COMPLETE_FILE).is_file()
+
+
+def checkpoint_dirs(root) -> list:
+    """Complete checkpoint directories under root, oldest first."""
+    return [p for p in step_dirs(root) if is_complete(p)]
 
 
 def latest_checkpoint(root):
@@ -144,6 +159,80 @@ def checkpoint_step(path) -> int:
     return int(STEP_RE.match(Path(path).name).group(1))
 
 
+def checkpoint_to_resume(root):
+    """The newest complete checkpoint under root (None when root holds no step-N directory at all).
+
+    InputError when step-N directories without a COMPLETE marker are newer than it: resuming would start before
+    them (at update 0 when none is complete), cut the logged history back and overwrite them, so the user decides."""
+    root = Path(root)
+    latest = latest_checkpoint(root)
+    after = -1 if latest is None else checkpoint_step(latest)
+    incomplete = [p for p in step_dirs(root) if checkpoint_step(p) > after and not is_complete(p)]
+    if not incomplete:
+        return latest
+    names = ", ".join(p.name for p in incomplete)
+    paths = " ".join(str(p) for p in incomplete)
+    if latest is None:
+        raise InputError(f"cannot resume: {root} holds no complete checkpoint, only {names} without a "
+                         f"{COMPLETE_FILE} marker (cut short, damaged, or copied or synced incompletely); resuming "
+                         f"would start over at update 0 and drop the logged history. To start over, rerun with "
+                         f"--overwrite instead of --resume, or delete {paths} and rerun with --resume")
+    raise InputError(f"cannot resume: {root} holds {names} without a {COMPLETE_FILE} marker (cut short, damaged, or "
+                     f"copied or synced incompletely), newer than the latest complete checkpoint {latest.name}; "
+                     f"resuming from {latest.name} would drop the logged history after it. To resume from "
+                     f"{latest.name}, delete {paths} and rerun with --resume; to start over, rerun with --overwrite")
+
+
+def _marker(path) -> Optional[bytes]:
+    """The COMPLETE marker of checkpoint directory `path`, None if it cannot be read."""
+    try:
+        return (Path(path) / COMPLETE_FILE).read_bytes()
+    except OSError:
+        return None
+
+
+def check_every_rank_sees(what: str, problem: Optional[str]):
+    """Collective: every rank passes its `problem` (None if it found `what`); InputError on every rank if any rank
+    has one, naming that rank, its host and the shared-filesystem requirement."""
+    reports = dist.all_gather_object(None if problem is None else (socket.gethostname(), problem))
+    failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+    if failed:
+        rank, (host, problem) = failed[0]
+        more = f" (and {len(failed) - 1} other ranks)" if len(failed) > 1 else ""
+        raise InputError(f"rank {rank} on host {host}{more} cannot read {what}: {problem}. {SHARED_FILESYSTEM}; put "
+                         f"it on shared storage (or copy the run directory to every node) and rerun")
+
+
+def agreed_checkpoint(root, is_main: bool):
+    """Collective: the checkpoint every rank resumes from, or None (start at update 0).
+
+    Rank 0 picks it (`checkpoint_to_resume`, whose InputError every rank raises) and sends its name and marker;
+    every other rank takes that name under its own `root` and must find the same marker there, else every rank
+    raises InputError naming the shared-filesystem requirement."""
+    choice = None
+    if is_main:
+        try:
+            latest = checkpoint_to_resume(root)
+            choice = ("ok", None, None) if latest is None else ("ok", latest.name, _marker(latest))
+        except InputError as e:
+            choice = ("error", str(e), None)
+    kind, name, marker = dist.broadcast_object(choice)
+    if kind == "error":
+        raise InputError(name)
+    if name is None:
+        return None
+    path = Path(root) / name
+    problem = None
+    if not is_main:
+        found = _marker(path)
+        if found is None:
+            problem = f"{path / COMPLETE_FILE} does not exist"
+        elif found != marker:
+            problem = f"{path} is another checkpoint than rank 0's (its {COMPLETE_FILE} marker differs)"
+    check_every_rank_sees(f"checkpoint {name}, which rank 0 resumes from", problem)
+    return path
+
+
 def remove_stale_tmp(root):
     """Deletes half-assembled `*.tmp` / `*.old` directories left under root by a crash."""
     root = Path(root)
@@ -155,6 +244,8 @@ def remove_stale_tmp(root):
 
 def begin_checkpoint(root, step: int) -> Path:
     """A fresh temporary directory for checkpoint `step` (a stale one from a crash is removed)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint step {step!r} must be an integer >= 0")
     tmp = Path(root) / f"step-{step:08d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -162,9 +253,13 @@ def begin_checkpoint(root, step: int) -> Path:
     return tmp
 
 
-def commit_checkpoint(tmp: Path, keep: int) -> Path:
-    """Marks `tmp` complete, renames it into place and deletes all but the newest `keep` checkpoints."""
-    atomic_write_bytes(tmp / "COMPLETE", b"ok\n")
+def commit_checkpoint(tmp: Path, keep: int, files=()) -> Path:
+    """Checks that every name in `files` was written to `tmp`, marks it complete, renames it into place and deletes
+    all but the newest `keep` checkpoints."""
+    missing = [f for f in files if not (tmp / f).is_file()]
+    if missing:
+        raise OSError(errno.ENOENT, f"{', '.join(missing)} missing from {tmp}")
+    atomic_write_bytes(tmp / COMPLETE_FILE, f"ok {uuid.uuid4().hex}\n".encode())
     final = tmp.with_name(tmp.name[: -len(".tmp")])
     replace_dir(tmp, final)
     if keep > 0:

@@ -4,6 +4,7 @@ Works with `torchrun --nnodes N --nproc_per_node M`: the global RANK is used for
 rank-0 duties; LOCAL_RANK only picks the GPU. NCCL on GPU, gloo on CPU. A single process needs no torchrun.
 """
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from lm_human_preferences.utils.precision import choose_precision
+
+MAX_DIST_TIMEOUT = 10**8  # seconds (about 3 years): more is a typo, and a timedelta overflows near 10**14
 
 
 @dataclass
@@ -38,9 +41,24 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     raise ValueError(f"unknown run.device {device!r}; use auto, cpu or cuda")
 
 
+def dist_timeout() -> datetime.timedelta:
+    """How long a collective waits for the other ranks: env LMHP_DIST_TIMEOUT seconds (default 1800); ValueError
+    naming the variable unless it is a finite number > 0."""
+    text = os.environ.get("LMHP_DIST_TIMEOUT") or "1800"
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_DIST_TIMEOUT):
+        raise ValueError(f"environment variable LMHP_DIST_TIMEOUT={text!r} is not a number of seconds in "
+                         f"(0, {MAX_DIST_TIMEOUT}]: set it to e.g. 1800 or unset it")
+    return datetime.timedelta(seconds=seconds)
+
+
 def env_info(device: str = "auto") -> DistInfo:
     """Rank, world size and device from torchrun's environment, without starting a process group (so settings
-    can be checked against the world size before any collective)."""
+    can be checked against the world size before any collective); LMHP_DIST_TIMEOUT is checked here too."""
+    dist_timeout()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -54,8 +72,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if info.world_size > 1 and not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=float(os.environ.get("LMHP_DIST_TIMEOUT", "1800")))
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout,
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=dist_timeout(),
                                 device_id=dev if dev.type == "cuda" else None)
     return info
 
@@ -84,6 +101,24 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src)
     return box[0]
+
+
+def gather_object(obj, dst: int = 0):
+    """[every rank's `obj`, by rank] on rank `dst`, None elsewhere (small picklable state: RNG states, positions)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def all_gather_object(obj) -> list:
+    """[every rank's `obj`, by rank] on every rank."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

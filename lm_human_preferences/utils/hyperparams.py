@@ -16,12 +16,17 @@ Keys are flat and dotted (``ppo.lr``, ``rewards.adaptive_kl.target``). Semantics
   ``1e6``.
 
 Unlike the original (typeguard, bare asserts), every user error is an :class:`HParamsError` naming the
-key, the value and what is expected; an unknown key lists the closest valid keys.
+key, the value and what is expected; an unknown key lists the closest valid keys. :meth:`HParams.validate`
+applies two rules to every leaf before any class's own checks: a float must be finite (NaN passes every
+``<``/``>`` comparison a ``_validate`` hook makes, and inf makes any learning rate, coefficient or
+temperature meaningless), and an int must fit a 64-bit integer (seeds go to NumPy and torch, counts to
+tensors).
 """
 
 import copy
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -33,6 +38,7 @@ _TRUE_STRINGS = ('t', 'true', 'True')
 _FALSE_STRINGS = ('f', 'false', 'False')
 _NONE_STRINGS = ('None', 'none', '')
 _LEAF_TYPES = (int, float, bool, str)
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1  # every int setting (seeds: torch and NumPy take 64 bits at most)
 
 
 RESOLVED_KEY = 'resolved'  # the entry of a saved hyperparameter file that records run-time resolutions
@@ -173,6 +179,7 @@ class HParams:
             value = getattr(self, name)
             if not _check_type(value, ty):
                 raise HParamsError(f"'{prefix}{name}' = {value!r} has the wrong type: expected {_describe(ty)}")
+            check_leaf_value(prefix + name, value)
             if isinstance(value, HParams):
                 value.validate(prefix=f'{prefix}{name}.')
         self._validate(prefix)
@@ -193,6 +200,16 @@ class HParams:
         value = getattr(self, name)
         if value is not None and value < minimum:
             raise HParamsError(f"'{prefix}{name}' must be >= {minimum}, got {value!r}")
+
+
+def check_leaf_value(key: str, value: Any) -> None:
+    """HParamsError naming ``key`` for a float that is NaN or infinite, or an int outside the 64-bit range."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise HParamsError(f"'{key}' = {value!r} is not a finite number: pass a finite value")
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        shown = value if value.bit_length() <= 256 else f'<a {value.bit_length()}-bit integer>'
+        raise HParamsError(f"'{key}' = {shown} does not fit a 64-bit integer: pass a value in "
+                           f"[-2**63, 2**63)")
 
 
 def is_hparam_type(ty: Any) -> bool:

@@ -4,6 +4,9 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import List, Tuple
+
+from lm_human_preferences.utils.files import append_all, writing
 
 
 def wandb_mode(setting: str) -> str:
@@ -34,7 +37,8 @@ class Logger:
             return
         if metrics_path is not None:
             self.metrics_path = Path(metrics_path)
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with writing(self.metrics_path):
+                self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         mode = wandb_mode(wandb_setting)
         if mode != "disabled":
             try:
@@ -49,12 +53,14 @@ class Logger:
                 self.wandb_id = self.wandb_run.id
 
     def log(self, stats: dict, step: int):
+        """Appends one record; a failed append (a full disk) leaves no partial record and raises the WriteError of
+        the metrics file."""
         if not self.is_main:
             return
         record = {"step": step, **{k: _plain(v) for k, v in stats.items()}}
         if self.metrics_path is not None:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            with writing(self.metrics_path), open(self.metrics_path, "ab", buffering=0) as f:
+                append_all(f, (json.dumps(record) + "\n").encode())
         if self.wandb_run is not None:
             self.wandb_run.log(stats, step=step)
 
@@ -71,16 +77,27 @@ def _plain(v):
     return v
 
 
-def read_metrics(path) -> list:
-    """Reads a metrics JSONL file, skipping a torn last line of a run still being written."""
-    rows = []
-    with open(path) as f:
+def load_metrics(path) -> Tuple[List[dict], int]:
+    """(the records of a metrics JSONL file, the number of damaged lines skipped). A line is a record if it is a
+    UTF-8 JSON object; blank lines and a torn last line (no newline: a run still being written) are skipped without
+    being counted."""
+    rows, damaged = [], 0
+    with open(path, "rb") as f:
         for line in f:
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+                record = json.loads(line.decode("utf-8"))
+            except (ValueError, RecursionError):  # not UTF-8, not JSON, a number too long, nested too deep
+                record = None
+            if isinstance(record, dict):
+                rows.append(record)
+            elif line.strip() and line.endswith(b"\n"):
+                damaged += 1
+    return rows, damaged
+
+
+def read_metrics(path) -> List[dict]:
+    """The records of a metrics JSONL file (`load_metrics` without the count of damaged lines)."""
+    return load_metrics(path)[0]
 
 
 def format_stats(stats: dict) -> str:

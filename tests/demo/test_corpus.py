@@ -7,6 +7,8 @@ from lm_human_preferences.demo import corpus
 from lm_human_preferences.language.datasets import TokenFile
 from lm_human_preferences.language.encodings import get_encoding
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def write_fortunes(directory: Path) -> Path:
     """A tiny fortunes directory: two files, a .dat index and a .u8 link that must be skipped."""
@@ -53,3 +55,60 @@ def test_prepare_corpus_writes_token_files_the_query_sampler_reads(tmp_path):
     docs = [enc.decode(d) for name in corpus.SPLIT_NAMES for d in TokenFile(tmp_path / "corpus" / name)]
     assert sorted(docs) == sorted(corpus.read_fortunes(tmp_path / "f"))
     assert all(p.is_file() for p in corpus.corpus_files(tmp_path / "corpus"))
+
+
+# ---- corpora too small for the demo -------------------------------------------------------------------------
+
+def check(directory):
+    """check_corpus with the demo's settings (pretraining windows of 65 tokens, 24-token queries between periods)."""
+    return corpus.check_corpus(directory, window=65, query_length=24, start_text=".", end_text=".")
+
+
+def write_entries(directory: Path, entries) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "fortunes").write_text("".join(f"{e}\n%\n" for e in entries))
+    return directory
+
+
+def write_empty_files(directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "a").write_text("")
+    (directory / "b").write_text("%\n  \n%\n")
+    return directory
+
+
+SENTENCE = "The cat sat on the mat. It was happy there, as cats are when the sun is warm."
+
+
+@pytest.mark.parametrize("entries, message", [
+    (None, r"the 2 fortune file\(s\) in .* hold no entries"),
+    (["one.", "two.", "three."], "has 3 entries, too few to split .*queries_train would be empty"),
+    ([SENTENCE] * 4, "has 4 entries, too few to split"),
+    (["Short."] * 40, "queries_test part .* holds 12 tokens, fewer than one pretraining window of 65"),
+    (["no period in this entry at all but words " * 3] * 300, "makes no query"),
+])
+def test_a_corpus_too_small_for_the_demo_is_one_clear_error(tmp_path, entries, message):
+    if entries is None:
+        write_empty_files(tmp_path / "c")
+    else:
+        write_entries(tmp_path / "c", entries)
+    with pytest.raises(corpus.CorpusError, match=message) as info:
+        check(tmp_path / "c")
+    assert "pass --corpus_dir with more '%'-separated entries" in str(info.value)
+    assert "apt-get install fortunes" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_corpus_large_enough_passes(tmp_path):
+    assert check(write_entries(tmp_path / "c", [SENTENCE] * 40)) == 40
+
+
+@pytest.mark.parametrize("entries", [None, ["one.", "two.", "three."]])
+def test_launch_demo_refuses_a_corpus_too_small_before_any_stage(tmp_path, monkeypatch, capsys, entries):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import launch
+    corpus_dir = write_empty_files(tmp_path / "c") if entries is None else write_entries(tmp_path / "c", entries)
+    cache = tmp_path / "cache"
+    assert launch.main(["demo", "--fast", "--corpus_dir", str(corpus_dir), "--cache_dir", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the ") and str(corpus_dir) in err and err.count("\n") == 1  # one line
+    assert not cache.exists()  # nothing written

@@ -80,6 +80,40 @@ def files(tmp_path_factory):
     out.update(truncated_model=str(d / "truncated_model"), other_size_model=str(d / "other_size_model"),
                other_size_rm=str(d / "other_size_rm" / "reward_model"), empty_rm=str(d / "empty_rm"),
                no_data=str(d / "no_data"))
+    out.update(meaningless_inputs(d / "meaningless"))
+    return out
+
+
+def meaningless_inputs(d):
+    """Files a run would accept and then train on meaninglessly: non-finite or integer weights, a model config that
+    is not positive integers, a checkpoint of other dimensions, label JSON nested too deeply, a directory."""
+    out = {}
+    torch.manual_seed(0)
+    for name, config_changes in (("model_n_ctx_float", {"n_ctx": 8.9}), ("model_n_head_null", {"n_head": None})):
+        save_model_dir(d / name, MAIN_TINY, GPT2(MAIN_TINY).state_dict())
+        (d / name / "hparams.json").write_text(json.dumps({**MAIN_TINY.to_dict(), **config_changes}))
+    save_model_dir(d / "model_int64", MAIN_TINY, {k: v.long() for k, v in GPT2(MAIN_TINY).state_dict().items()})
+    sd = GPT2(MAIN_TINY).state_dict()
+    sd["h.0.ln_1.weight"][0] = float("nan")
+    save_model_dir(d / "model_nan", MAIN_TINY, sd)
+
+    hp = params.get_hparams("train_reward", "test", {})
+    for name, change in (("rm_nan_weights", lambda rm: rm.model.wpe.weight.data.fill_(float("nan"))),
+                         ("rm_nan_gain", lambda rm: rm.gain.data.fill_(float("nan"))),
+                         ("rm_inf_bias", lambda rm: rm.bias.data.fill_(float("inf"))),
+                         ("rm_n_head_null", None), ("rm_n_head_0", None)):
+        rm = RewardModel(GPT2(tiny_config(), ["reward"]), padding_token=TEST_PAD)
+        if change is not None:
+            change(rm)
+        runs.save_reward_model(runs.RunDir(d / name), rm, hp, "test")
+        out[name] = str(d / name / "reward_model")
+    for name, n_head in (("rm_n_head_null", None), ("rm_n_head_0", 0)):
+        (Path(out[name]) / "hparams.json").write_text(json.dumps({**tiny_config().to_dict(), "n_head": n_head}))
+
+    (d / "nested.json").write_text("[" * 100_000 + "]" * 100_000)
+    (d / "labels_dir").mkdir()
+    out.update({name: str(d / name) for name in ("model_n_ctx_float", "model_n_head_null", "model_int64",
+                                                 "model_nan", "labels_dir")}, labels_nested=str(d / "nested.json"))
     return out
 
 
@@ -145,6 +179,52 @@ CATALOGUE = [
     ("resume_and_overwrite", [*POLICY, "--resume", "--overwrite"], {},
      ["--resume and --overwrite exclude each other"]),
 ]
+# Inputs that would make a run meaningless: a non-finite or 64-bit-overflowing number, a token id no response can
+# hold, weights that are not finite floating point numbers, model configs that are not positive integers.
+CATALOGUE += [
+    *[(f"non_finite_{key}_{text}", [*cmd, f"--{key}", text], {},
+       [f"'{key}' = {float(text)!r} is not a finite number: pass a finite value"])
+      for cmd, key, text in ((POLICY, "rewards.kl_coef", "nan"), (POLICY, "ppo.lr", "inf"),
+                             (POLICY, "task.policy.temperature", "inf"), (POLICY, "rewards.adaptive_kl.target", "inf"),
+                             (REWARD, "lr", "-inf"), (POLICY, "rewards.train_new_model.lr", "NaN"))],
+    ("seed_overflows", [*POLICY, "--run.seed", "99999999999999999999999"], {},
+     ["'run.seed' = 99999999999999999999999 does not fit a 64-bit integer: pass a value in [-2**63, 2**63)"]),
+    ("count_overflows", [*REWARD, "--labels.num_train", "1e30"], {},
+     ["'labels.num_train' = 1000000000000000019884624838656 does not fit a 64-bit integer"]),
+    ("truncate_token_outside_vocabulary", [*REWARD, "--task.truncate_token", "99999"], {},
+     ["'task.truncate_token' = 99999 is outside the vocabulary [0, 27) of the 'test' encoding, so no response can "
+      "contain it: pass a token id in [0, 27)"]),
+    ("truncate_token_is_padding", [*POLICY, *OWN_REWARD, "test", "--task.truncate_token", "27"], {},
+     ["'task.truncate_token' = 27 is the padding token 27 of the 'test' encoding"]),
+    ("truncate_after_beyond_response", [*REWARD, "--task.truncate_token", "3", "--task.truncate_after", "4"], {},
+     ["'task.truncate_after' (4) must be < 'task.response_length' (4)"]),
+    ("best_of_huge", [*REWARD, "--labels.type", "best_of_" + "9" * 40], {},
+     ["'labels.type' = 'best_of_9999...9999999999999' is not a label type: valid types are best_of_N (2 <= N <= 1000"]),
+    ("labels_nested_too_deeply", [*REWARD, "--labels.source", "{labels_nested}"], {},
+     ["label source '{labels_nested}' ({labels_nested}) is nested too deeply to be label records"]),
+    ("labels_source_is_a_directory", [*REWARD, "--labels.source", "{labels_dir}"], {},
+     ["label source '{labels_dir}' is a directory: pass the label JSON file itself"]),
+    ("initial_model_n_ctx_not_an_integer", [*REWARD, "--task.policy.initial_model", "{model_n_ctx_float}"], {},
+     ["{model_n_ctx_float}/hparams.json: n_ctx = 8.9 must be a positive integer"]),
+    ("initial_model_n_head_null", [*REWARD, "--task.policy.initial_model", "{model_n_head_null}"], {},
+     ["{model_n_head_null}/hparams.json: n_head = null must be a positive integer"]),
+    ("initial_model_int64_weights", [*REWARD, "--task.policy.initial_model", "{model_int64}"], {},
+     ["in {model_int64}/model.safetensors has dtype int64, but model weights are floating point"]),
+    ("initial_model_nan_weights", [*REWARD, "--task.policy.initial_model", "{model_nan}"], {},
+     ["checkpoint tensor 'h.0.ln_1.weight' in {model_nan}/model.safetensors holds NaN or infinite values"]),
+    ("reward_model_nan_weights", [*POLICY, *OWN_REWARD, "{rm_nan_weights}"], {},
+     ["checkpoint tensor 'wpe.weight' in {rm_nan_weights}/model.safetensors holds NaN or infinite values"]),
+    ("reward_model_nan_gain", [*POLICY, *OWN_REWARD, "{rm_nan_gain}"], {},
+     ["checkpoint tensor 'reward_norm.gain' in {rm_nan_gain}/model.safetensors holds NaN or infinite values"]),
+    ("reward_model_inf_bias", [*POLICY, *OWN_REWARD, "{rm_inf_bias}"], {},
+     ["checkpoint tensor 'reward_norm.bias' in {rm_inf_bias}/model.safetensors holds NaN or infinite values"]),
+    ("reward_model_n_head_null", [*POLICY, *OWN_REWARD, "{rm_n_head_null}"], {},
+     ["{rm_n_head_null}/hparams.json: n_head = null must be a positive integer"]),
+    ("reward_model_n_head_0", [*POLICY, *OWN_REWARD, "{rm_n_head_0}"], {},
+     ["{rm_n_head_0}/hparams.json: n_head = 0 must be a positive integer"]),
+    ("dist_timeout_not_a_number", REWARD, {"LMHP_DIST_TIMEOUT": "abc"},
+     ["environment variable LMHP_DIST_TIMEOUT='abc' is not a number of seconds"]),
+]
 if not torch.cuda.is_available():
     CATALOGUE.append(("cuda_without_gpu", [*REWARD, "--run.device", "cuda"], {},
                       ["run.device=cuda but no CUDA device is available; use --run.device cpu"]))
@@ -173,7 +253,7 @@ def test_catalogue_has_at_least_15_distinct_inputs():
     assert len({c[0] for c in CATALOGUE}) >= 15
 
 
-@pytest.mark.parametrize("key", ["labels_missing_field", "reward_model_dir_without_files"])
+@pytest.mark.parametrize("key", ["labels_missing_field", "reward_model_dir_without_files", "labels_nested_too_deeply"])
 def test_bad_input_as_a_real_command(files, tmp_path, key):
     name, argv, env, messages = next(c for c in CATALOGUE if c[0] == key)
     values = dict(files, run="run")
@@ -228,3 +308,21 @@ def test_damaged_checkpoint_is_refused_on_resume(finished_run, tmp_path, capsys,
     assert status == 2 and err.startswith("error: ") and "Traceback" not in err
     assert message.format(latest=latest) in err
     assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seed", "99999999999999999999999",
+     "argument --seed: 99999999999999999999999 does not fit a 64-bit integer: pass a seed in [-2**63, 2**63)"),
+    ("--seed", "-9223372036854775809", "argument --seed: -9223372036854775809 does not fit a 64-bit integer"),
+    ("--temperature", "inf", "argument --temperature: must be a finite number > 0, got inf"),
+    ("--temperature", "nan", "argument --temperature: must be a finite number > 0, got nan"),
+])
+def test_sample_refuses_arguments_that_make_sampling_meaningless(finished_run, tmp_path, capsys, flag, value,
+                                                                 message):
+    out = tmp_path / "samples.jsonl"
+    with pytest.raises(SystemExit) as e:
+        launch.main(["sample", str(finished_run), "--nsamples", "1", "--batch_size", "1", "--out", str(out), flag,
+                     value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+    assert not out.exists()

@@ -250,12 +250,14 @@ def test_train_reward_does_not_overwrite_without_resume_or_overwrite(tmp_path, c
     assert snapshot(tmp_path / "rm") == before
 
     (tmp_path / "rm" / "notes.txt").write_text("mine")
+    assert launch.main([*args, "--overwrite"]) == 2  # --overwrite deletes only what this project wrote
+    assert "(notes.txt)" in capsys.readouterr().err
+    (tmp_path / "rm" / "notes.txt").unlink()
     assert launch.main([*args, "--overwrite"]) == 0
     after = snapshot(tmp_path / "rm")
     assert sorted(after) == sorted(before)  # the directory was deleted and written again
     assert after["reward_model/model.safetensors"][1] != before["reward_model/model.safetensors"][1]
     assert len((tmp_path / "rm" / "train_reward_metrics.jsonl").read_text().splitlines()) == n_records
-    assert not (tmp_path / "rm" / "notes.txt").exists()  # --overwrite deletes the whole run directory
 
 
 def test_train_policy_does_not_overwrite_without_resume_or_overwrite(tmp_path, reward_dir, straight, capsys):

@@ -6,8 +6,10 @@ The runs are the tiny `test` experiment against one reward model trained per mod
 (pausing at a chosen point, slowing updates down) is injected with a `sitecustomize.py` put on PYTHONPATH, so the
 production code has no test hooks.
 """
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,18 +36,24 @@ TIMEOUT = 240
 #   pause_after_log:<step>:<marker>  after logging PPO update <step>: append a torn record (as if killed while
 #                                    writing), create <marker>, then sleep until killed
 #   slow_log:<seconds>               sleep after every logged update, so a signal surely lands mid-run
+#   slow_reward_log:<seconds>        the same for every record of reward training
 SITECUSTOMIZE = '''
 import os, time
 _hook = os.environ.get("LMHP_TEST_HOOK", "")
-if _hook.startswith(("pause_after_log:", "slow_log:")):
+if _hook.startswith(("pause_after_log:", "slow_log:", "slow_reward_log:")):
     from lm_human_preferences.utils import logging as _logging
     _log = _logging.Logger.log
 
     def _hooked_log(self, stats, step):
         _log(self, stats, step)
-        if self.metrics_path is None or self.metrics_path.name != "train_policy_metrics.jsonl":
-            return
         kind, _, arg = _hook.partition(":")
+        name = None if self.metrics_path is None else self.metrics_path.name
+        if kind == "slow_reward_log":
+            if name == "train_reward_metrics.jsonl":
+                time.sleep(float(arg))
+            return
+        if name != "train_policy_metrics.jsonl":
+            return
         if kind == "slow_log":
             time.sleep(float(arg))
             return
@@ -179,6 +187,12 @@ def assert_same_run(resumed_dir, straight_dir):
     assert records == records0
 
 
+def snapshot(directory):
+    """{relative path: sha256} of every file under `directory` but the run lock."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file() and p.name != runs.LOCK_FILE}
+
+
 def in_process(args):
     """launch.py's main() in this process (faster than a subprocess for the continuation runs)."""
     return launch.main(list(args))
@@ -278,6 +292,102 @@ def test_sigterm_then_sigkill_under_torchrun_resume_bit_identical(tmp_path, rewa
     assert_same_run(tmp_path / "run", straight_2ranks)
     for rank in (0, 1):  # every rank's own RNG state and data position are in the checkpoint
         assert (killed / f"rng-rank{rank}.pt").is_file() and (killed / f"sampler-rank{rank}.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["train_policy", "train_reward"])
+def test_signal_during_reward_training_says_nothing_was_kept(tmp_path, command):
+    """Reward training keeps no checkpoints: a signal stops it at the next step and says so, chained before PPO
+    (status 0, as PPO's stop) or alone (status 130: interrupted, nothing to use); --resume then trains it again."""
+    args = [command, "test", "run", "--save_dir", str(tmp_path)]
+    proc = start(args, hook_env(tmp_path, "slow_reward_log:1.0"), log=tmp_path / "stopped.log")
+    wait_for([tmp_path / "run" / "train_reward_metrics.jsonl"], proc)
+    proc.send_signal(signal.SIGTERM)
+    status = proc.wait(timeout=TIMEOUT)
+    output = (tmp_path / "stopped.log").read_text()
+    assert ("stopped by SIGTERM at reward training step 0 of 2; a reward model is saved only when its training "
+            "finishes, so none was kept. Resume with the same command plus --resume (reward training starts again "
+            "from the beginning)") in output, output[-3000:]
+    assert "Traceback" not in output
+    assert status == (0 if command == "train_policy" else 130), output[-3000:]
+    assert not (tmp_path / "run" / "reward_model").exists() and not (tmp_path / "run" / "policy").exists()
+    if command == "train_policy":
+        assert in_process([*args, "--resume"]) == 0
+        assert runs.RunDir(tmp_path / "run").reward_model_complete()
+        assert ckpt.latest_checkpoint(checkpoint_root(tmp_path / "run")).name == "step-00000002"
+
+
+# ---- resume refuses what it cannot continue exactly --------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["all", "newest"])
+def test_resume_over_incomplete_checkpoints_stops_and_says_what_to_delete(tmp_path, reward_dir, straight, capsys,
+                                                                         which):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    root = checkpoint_root(run_dir)
+    complete = ckpt.checkpoint_dirs(root)
+    damaged = complete if which == "all" else complete[-2:]
+    for d in damaged:
+        (d / "COMPLETE").unlink()
+    before = snapshot(run_dir)
+    args = [*policy_args("run", tmp_path, reward_dir), "--resume"]
+    assert in_process(args) == 2
+    err = capsys.readouterr().err
+    names, paths = ", ".join(d.name for d in damaged), " ".join(str(d) for d in damaged)
+    if which == "all":
+        assert (f"error: cannot resume: {root} holds no complete checkpoint, only {names} without a COMPLETE marker "
+                f"(cut short, damaged, or copied or synced incompletely); resuming would start over at update 0 and "
+                f"drop the logged history. To start over, rerun with --overwrite instead of --resume, or delete "
+                f"{paths} and rerun with --resume\n") in err
+    else:
+        kept = complete[-3].name
+        assert (f"error: cannot resume: {root} holds {names} without a COMPLETE marker (cut short, damaged, or "
+                f"copied or synced incompletely), newer than the latest complete checkpoint {kept}; resuming from "
+                f"{kept} would drop the logged history after it. To resume from {kept}, delete {paths} and rerun "
+                f"with --resume; to start over, rerun with --overwrite\n") in err
+    assert snapshot(run_dir) == before  # the metrics history and every checkpoint untouched
+    if which == "newest":  # doing what the message says resumes exactly
+        for d in damaged:
+            shutil.rmtree(d)
+        assert in_process(args) == 0
+        assert_same_run(run_dir, straight)
+
+
+@pytest.mark.parametrize("field, value", [("global_step", -3), ("global_step", "6"), ("global_step", 6.0),
+                                          ("global_step", True), ("global_step", None), ("global_step", 5),
+                                          ("global_step", 10**30), ("kl_ctl", {"value": float("nan")}),
+                                          ("kl_ctl", {"value": -1.0}), ("world_size", "1")])
+def test_resume_refuses_a_bad_checkpoint_state(tmp_path, reward_dir, straight, capsys, field, value):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    latest = ckpt.latest_checkpoint(checkpoint_root(run_dir))
+    state = json.loads((latest / "state.json").read_text())
+    state[field] = value
+    (latest / "state.json").write_text(json.dumps(state))
+    before = snapshot(run_dir)
+    assert in_process([*policy_args("run", tmp_path, reward_dir), "--resume"]) == 2
+    err = capsys.readouterr().err
+    if field == "global_step":
+        expected = f"{latest / 'state.json'} has global_step {value!r}, but it must be {N_UPDATES}, the update of its"
+    elif field == "kl_ctl":
+        expected = f"{latest / 'state.json'} has world_size 1 and KL coefficient {value['value']!r}; expected"
+    else:
+        expected = f"{latest / 'state.json'} has world_size '1' and KL coefficient"
+    assert err.startswith(f"error: {expected}") and len(err.splitlines()) == 1, err
+    assert snapshot(run_dir) == before
+    assert [p.name for p in checkpoint_root(run_dir).iterdir() if not ckpt.STEP_RE.match(p.name)] == []
+
+
+def test_resume_beyond_the_runs_updates_is_refused(tmp_path, reward_dir, straight, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    before = snapshot(run_dir)
+    args = policy_args("run", tmp_path, reward_dir)
+    assert in_process([*args[:-6], "--ppo.total_episodes", "32", *args[-4:], "--resume"]) == 2
+    latest = ckpt.latest_checkpoint(checkpoint_root(run_dir))
+    assert (f"error: {latest / 'state.json'}: the checkpoint is at update {N_UPDATES}, beyond this run's 4 updates "
+            f"(ppo.total_episodes / ppo.batch_size); resume with the ppo.total_episodes the run was started with, or "
+            f"a larger one\n") in capsys.readouterr().err
+    assert snapshot(run_dir) == before
 
 
 # ---- the plumbing ------------------------------------------------------------------------------------------

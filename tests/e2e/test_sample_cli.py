@@ -1,10 +1,13 @@
 """`python launch.py sample <run_dir>` on a real (tiny) policy run: records, printing, scoring, errors."""
 
+import errno
 import json
+import os
 import pathlib
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -204,3 +207,118 @@ def test_no_reward_model_to_score_with(run_dir, tmp_path):
     shutil.rmtree(run / 'reward_model')
     with pytest.raises(runs.RunError, match='--no-score'):
         sample.main(run_dir=run, nsamples=1, batch_size=1, score=True)
+
+
+# ---- outputs and failures -----------------------------------------------------------------------------------
+
+def _error_line(err):
+    """The one `error:` line of stderr; no traceback."""
+    assert 'Traceback' not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def _unusable_out(tmp_path, monkeypatch, kind):
+    """An --out that cannot be written, and the reason the error gives."""
+    if kind == 'directory':
+        return tmp_path, f'{tmp_path} is a directory, not a file'
+    if kind == 'under a file':
+        (tmp_path / 'file').write_text('x')
+        return tmp_path / 'file' / 'samples.jsonl', f'{tmp_path / "file"} is a file, not a directory'
+    target = tmp_path / 'locked'
+    target.mkdir()
+    if kind == 'no permission':  # simulated: the tests run as root, which ignores permissions
+        real_access = os.access
+        monkeypatch.setattr(os, 'access', lambda p, mode, **kw: pathlib.Path(p) != target and real_access(p, mode))
+        return target / 'new' / 'samples.jsonl', f'{target} is not writable for this user'
+    real_statvfs = os.statvfs
+
+    def read_only(p):
+        result = real_statvfs(p)
+        return SimpleNamespace(f_flag=result.f_flag | os.ST_RDONLY) if pathlib.Path(p) == target else result
+
+    monkeypatch.setattr(os, 'statvfs', read_only)
+    return target / 'samples.jsonl', f'{target} is on a read-only file system'
+
+
+@pytest.mark.parametrize('kind', ['directory', 'under a file', 'no permission', 'read-only'])
+def test_unusable_out_is_refused_before_sampling(launch_module, run_dir, tmp_path, monkeypatch, capsys, kind):
+    out, reason = _unusable_out(tmp_path, monkeypatch, kind)
+    assert launch_module.main(['sample', str(run_dir), '--nsamples', '2', '--out', str(out)]) == 2
+    captured = capsys.readouterr()
+    assert _error_line(captured.err) == (f'error: cannot write the samples to {out}: {reason}; pass --out with a '
+                                         f'file path in a writable directory')
+    assert 'sampling' not in captured.out  # refused before any work
+
+
+def test_interrupted_sampling_keeps_the_finished_batches(launch_module, run_dir, tmp_path, monkeypatch, capsys):
+    real, calls = runs.rollout, []
+
+    def interrupted_in_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs, 'rollout', interrupted_in_third_batch)
+    out = tmp_path / 'samples.jsonl'
+    assert launch_module.main(['sample', str(run_dir), '--nsamples', '12', '--batch_size', '4', '--seed', '1',
+                               '--no-score', '--out', str(out)]) == 130
+    partial = tmp_path / 'samples.jsonl.partial'
+    assert f'note: the 8 samples written before the failure are in {partial}' in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.setattr(runs, 'rollout', real)
+    full = sample.main(run_dir=run_dir, nsamples=12, batch_size=4, seed=1, score=False, out=tmp_path / 'full.jsonl')
+    assert _read_jsonl(partial) == full[:8]  # whole records, as sampled
+
+
+class _FullDiskAfter:
+    """A file that takes `n` writes, then fails as a full disk does (after storing part of the data)."""
+
+    def __init__(self, file, n):
+        self.file, self.n = file, n
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def write(self, data):
+        self.n -= 1
+        if self.n < 0:
+            self.file.write(bytes(data[:5]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(data)
+
+
+def test_full_disk_while_sampling_keeps_whole_records(launch_module, run_dir, tmp_path, monkeypatch, capsys):
+    real_open = open
+    monkeypatch.setattr(sample, 'open', lambda *a, **kw: _FullDiskAfter(real_open(*a, **kw), 1), raising=False)
+    out = tmp_path / 'samples.jsonl'
+    assert launch_module.main(['sample', str(run_dir), '--nsamples', '8', '--batch_size', '4', '--no-score',
+                               '--out', str(out)]) == 1
+    err = capsys.readouterr().err
+    partial = tmp_path / 'samples.jsonl.partial'
+    assert _error_line(err) == (f'error: could not write {partial} (No space left on device); free disk space on its '
+                                f'file system, then run the command again')
+    assert f'note: the 4 samples written before the failure are in {partial}' in err
+    assert len(_read_jsonl(partial)) == 4 and not out.exists()  # the torn fifth record was cut off
+
+
+@pytest.mark.parametrize('content, problem', [
+    (b'[]', 'holds a JSON list, not the object of hyperparameters train_policy writes'),
+    (b'["task", "ppo"]', 'holds a JSON list'),
+    (b'"text"', 'holds a JSON string'),
+    (b'3', 'holds a JSON number'),
+    (b'null', 'holds a JSON null'),
+    (b'{"ppo": {"lr": "fast"}}', "does not hold train_policy hyperparameters (invalid value 'fast' for 'ppo.lr'"),
+    (b'{"ppo": 3}', 'does not hold train_policy hyperparameters'),
+    (b'\xff\xfe{}', 'is not valid JSON'),
+    (b'[' * 100000, 'is not valid JSON'),
+])
+def test_hparams_that_are_not_an_object_of_hyperparameters(launch_module, run_dir, tmp_path, capsys, content,
+                                                           problem):
+    run = _copy_run(run_dir, tmp_path / 'copy')
+    (run / 'train_policy_hparams.json').write_bytes(content)
+    assert launch_module.main(['sample', str(run), '--out', str(tmp_path / 's.jsonl')]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f'error: {run / "train_policy_hparams.json"} {problem}')

@@ -157,3 +157,27 @@ def test_bad_sizes_are_errors(tmp_path):
         load_labels("test", "best_of_4", num_train=0, **SIZES)
     assert labels.zero_records("best_of_2", query_length=2, response_length=1)[0] == {
         "query": [0, 0], "sample0": [0], "sample1": [0], "best": 0}
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '[{"query": ' + "[" * 100_000 + "]" * 100_000 + "}]"])
+def test_deeply_nested_json_is_one_error(tmp_path, text):
+    path = tmp_path / "labels.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"label source '{path}' .* is nested too deeply to be label records"):
+        load_labels(str(path), "best_of_4", num_train=1, **SIZES)
+
+
+def test_nested_values_in_records_are_shown_short(tmp_path):
+    deep = [1]
+    for _ in range(500):
+        deep = [deep]
+    records = best_of_4_records(2)
+    records[1]["sample2"] = [deep, 13, PAD]
+    with pytest.raises(ValueError, match=r"record 1, field 'sample2': token ids must be integers, got \[\[\[") as e:
+        load_labels(write(tmp_path, records), "best_of_4", num_train=1, **SIZES)
+    assert len(str(e.value)) < 200
+
+
+def test_a_directory_is_not_a_label_source(tmp_path):
+    with pytest.raises(ValueError, match=f"label source '{tmp_path}' is a directory: pass the label JSON file itself"):
+        load_labels(str(tmp_path), "best_of_4", num_train=1, **SIZES)

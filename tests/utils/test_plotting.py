@@ -130,3 +130,72 @@ def test_plot_curves_one_panel_per_key(tmp_path):
 def test_file_name():
     assert plotting.file_name('objective/kl_coef') == 'objective_kl_coef.png'
     assert plotting.file_name('train_reward/minibatch/loss') == 'train_reward_minibatch_loss.png'
+
+
+# ---- damaged metrics files and unusable outputs -------------------------------------------------------------
+
+DAMAGED_LINES = [
+    b'\xff\xfe not UTF-8\n',  # a damaged line
+    b'{"step": 7, "objective/score": 1.0, "note": "\xe9t\xe9"}\n',  # Latin-1 inside an object: not UTF-8 either
+    b'[1, 2]\n', b'3\n', b'"text"\n', b'null\n', b'true\n',  # JSON, but not an object
+    b'[' * 100000 + b'\n',  # nested too deep for the parser
+    b'{"step": 8, "objective/score": 1' + b'0' * 5000 + b'}\n',  # an integer too long to parse
+    b'{not json}\n',
+]
+
+
+def test_damaged_lines_are_skipped_with_a_note(tmp_path, monkeypatch, capsys):
+    path = tmp_path / 'train_policy_metrics.jsonl'
+    good = [(json.dumps(row) + '\n').encode() for row in _policy_rows(4)]
+    path.write_bytes(good[0] + b''.join(DAMAGED_LINES) + b''.join(good[1:]) + b'\n' + b'{"step": 9, "obj')
+    assert read_metrics(path) == _policy_rows(4)
+    monkeypatch.syspath_prepend(str(LAUNCH.parent))
+    import launch
+    assert launch.main(['plot', str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f'note: {path}: skipped {len(DAMAGED_LINES)} damaged lines (not a UTF-8 JSON object)' in out
+    for name in ALL_PNGS - {'train_reward_minibatch_loss.png'}:
+        _assert_png(tmp_path / 'plots' / name)
+
+
+@pytest.mark.parametrize('bad', [1e308, -1e308, 1.7976931348623157e308, 1e301, 'inf', '-inf', 'nan', 1e400])
+def test_values_that_cannot_be_drawn_are_left_out_with_a_note(tmp_path, capsys, bad):
+    rows = [{'step': 0, 'objective/score': 1.0}, {'step': 1, 'objective/score': bad},
+            {'step': 2, 'objective/score': -1.0}, {'step': 1e308, 'objective/score': 2.0},
+            {'step': 'nan', 'objective/score': 2.0}, {'step': 3, 'objective/score': 10**400}]
+    (tmp_path / 'train_policy_metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    assert [p.name for p in _plot_run(tmp_path)] == ['objective_score.png']
+    _assert_png(tmp_path / 'plots' / 'objective_score.png')
+    assert (f'left out 2 value(s) of objective/score that are not finite or beyond +-{plotting.MAX_PLOTTABLE:g}'
+            in capsys.readouterr().out)  # the bad value and step 1e308 (a step 'nan' or an integer beyond float
+    # range is no number to curve())
+
+
+def test_only_values_that_cannot_be_drawn_is_nothing_to_plot(tmp_path):
+    _write_rows(tmp_path / 'train_policy_metrics.jsonl', [{'step': 0, 'objective/score': 1e308},
+                                                          {'step': 1, 'objective/score': -1e308}])
+    with pytest.raises(plotting.PlotError, match='nothing to plot'):
+        _plot_run(tmp_path)
+
+
+def test_draw_curve_leaves_out_what_cannot_be_drawn(tmp_path):
+    fig = plotting.figure((4, 3))
+    plotting.draw_curve(fig.subplots(), [0, 1, 2, 3, 4], [1e308, 1.0, -1e308, float('inf'), 2.0], ylabel='x')
+    plotting.save(fig, tmp_path / 'x.png', dpi=50)
+    _assert_png(tmp_path / 'x.png')
+
+
+def test_out_that_cannot_hold_the_figures_is_refused(tmp_path, monkeypatch, capsys):
+    _write_rows(tmp_path / 'train_policy_metrics.jsonl', _policy_rows(2))
+    (tmp_path / 'file').write_text('mine')
+    for out, reason in ((tmp_path / 'file', f'{tmp_path / "file"} is a file, not a directory'),
+                        (tmp_path / 'file' / 'plots', f'{tmp_path / "file"} is a file, not a directory')):
+        with pytest.raises(plotting.PlotError, match='pass --out with a writable directory'):
+            _plot_run(tmp_path, out)
+        monkeypatch.syspath_prepend(str(LAUNCH.parent))
+        import launch
+        assert launch.main(['plot', str(tmp_path), '--out', str(out)]) == 2
+        assert capsys.readouterr().err == (f'error: cannot write the figures into {out}: {reason}; pass --out with a '
+                                           f'writable directory\n')
+    assert (tmp_path / 'file').read_text() == 'mine'
+    assert not (tmp_path / 'plots').exists()
