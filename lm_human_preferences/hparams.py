@@ -148,7 +148,7 @@ class AdaptiveKLParams(HParams):
 class RewardHParams(HParams):
     kl_coef: float = 0.2  # KL penalty coefficient beta (the initial value when adaptive_kl is on)
     adaptive_kl: Optional[AdaptiveKLParams] = None  # 'on' = adapt beta towards a target KL
-    trained_model: Optional[str] = None  # reward model to use: a reward run's directory, or 'test'
+    trained_model: Optional[str] = None  # reward model to use: a reward run's reward_model/ directory, or 'test'
     train_new_model: Optional[TrainRewardHParams] = None  # 'on' = train a reward model first, with these
 
     def _validate(self, prefix: str) -> None:
