@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup setup-demo corpus demo test bench clean-venv
+.PHONY: setup setup-demo corpus demo test bench gpu-check clean-venv
 
 $(VENV)/.base: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test: setup corpus
 
 bench: setup
 	$(PY) benchmarks/ppo_iteration.py
+
+# What only a GPU can show (bf16 speed, NCCL on every GPU, the sentiment iteration's memory); SKIPPED without CUDA.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -23,7 +23,9 @@ of --matmul-size measured here in the same precision. Our peak memory is measure
 that holds only our models (peak RSS, VmHWM reset per phase, on CPU; torch's max allocated bytes on CUDA). Under
 bf16 the frozen reference policy and reward model keep their Linear layers in bf16 (fused.store_linears_in: the
 same outputs under autocast, half their memory). On CUDA the script also times the real sentiment configuration
-(per-rank batch = ppo.batch_size on one GPU) and projects the wall time of its 1M episodes.
+(per-rank batch = ppo.batch_size on one GPU, in the experiment's run.rollout_micro_batch / run.train_micro_batch
+pieces) and projects the wall time of its 1M episodes. The JSON is written after each precision and before the
+projection, so a projection that runs out of memory (recorded as a figure) or fails loses no earlier figure.
 
     python benchmarks/ppo_iteration.py                       # 124M shape, batch 8, fp32 (+ bf16 where native)
     python benchmarks/ppo_iteration.py --size test --json out.json
@@ -128,12 +130,15 @@ def random_gpt2(config: GPT2Config, heads, seed: int, device) -> GPT2:
     return GPT2(config, heads).to(device)
 
 
-def build_ours(s: Setting, seed: int, device, precision: str, compiled: bool = False) -> PPOTrainer:
+def build_ours(s: Setting, seed: int, device, precision: str, compiled: bool = False,
+               micro_batches: bool = False) -> PPOTrainer:
     """train_policy's PPOTrainer for one rank, on random models (the baselines' weights) instead of loaded ones:
-    policy and frozen reference policy with the same initial weights, and a frozen reward model."""
+    policy and frozen reference policy with the same initial weights, and a frozen reward model. Whole batches
+    at once (like the baselines) unless `micro_batches`: then in the run's rollout/train micro-batches."""
     hp = copy.deepcopy(s.hp)
     hp.run.precision, hp.run.compile, hp.run.seed = precision, compiled, seed
-    hp.run.rollout_micro_batch = hp.run.train_micro_batch = None
+    if not micro_batches:
+        hp.run.rollout_micro_batch = hp.run.train_micro_batch = None
     task, enc = hp.task, s.enc
     policy = runs.make_policy(random_gpt2(s.config, ["value"], seed, device), task, enc, [], [], frozen=False)
     ref_policy = runs.make_policy(random_gpt2(s.config, ["value"], seed, device), task, enc, [], [], frozen=True)
@@ -318,8 +323,8 @@ class OurIteration:
     PPO, statistics, the KL controller). The end of sampling is marked from inside the rollout by timing the
     policy's `respond`."""
 
-    def __init__(self, s: Setting, precision, device, seed: int, compiled=False):
-        self.trainer = build_ours(s, seed, device, precision, compiled)
+    def __init__(self, s: Setting, precision, device, seed: int, compiled=False, micro_batches=False):
+        self.trainer = build_ours(s, seed, device, precision, compiled, micro_batches)
         self.queries, _ = make_inputs(s, seed, device)
         self.mark = None
         respond = self.trainer.policy.respond
@@ -520,6 +525,16 @@ def baseline_contenders(s: Setting, precision, device, seed: int) -> dict:
 
 def format_table(report) -> str:
     """The human-readable table: per precision, each phase of ours and its baselines with the speed-up."""
+    lines = table_header(report)
+    for prec, r in report["results"].items():
+        lines += table_rows(prec, r)
+    lines += table_footer(report)
+    if report.get("sentiment"):
+        lines.append(format_sentiment(report["sentiment"]))
+    return "\n".join(lines)
+
+
+def table_header(report) -> list:
     lines = []
     m = report["machine"]
     lines.append(f"PPO iteration benchmark: size {report['size']}, per-rank batch {report['batch']}, query "
@@ -536,43 +551,59 @@ def format_table(report) -> str:
               f"{'baseline':<31} {'base s':>8} {'base MFU':>8} {'speed-up':>9}")
     lines.append(header)
     lines.append("-" * len(header))
-    for prec, r in report["results"].items():
-        for variant in ("ours", "ours_compiled"):
-            if variant not in r:
-                continue
-            for phase in PHASES:
-                o = r[variant][phase]
-                label = PHASE_LABELS[phase] + (" (compiled)" if variant == "ours_compiled" else "")
-                peak = f"{o['peak_bytes'] / GB:8.2f}" if o["peak_bytes"] else f"{'-':>8}"
-                left = (f"{prec:<5} {label:<25} {o['median_s']:8.3f} {o['tokens_per_s']:9.1f} "
-                        f"{100 * o['mfu']:5.1f}% {peak}   ")
-                bases = [b for b in BASELINES[phase] if b in r.get("baselines", {})] if variant == "ours" else []
-                if not bases:
-                    lines.append(left.rstrip())
-                for i, b in enumerate(bases):
-                    bo = r["baselines"][b][phase]
-                    sp = bo["median_s"] / o["median_s"]
-                    prefix = left if i == 0 else " " * len(left)
-                    lines.append(f"{prefix}{BASELINE_LABELS[b]:<31} {bo['median_s']:8.3f} {100 * bo['mfu']:7.1f}% "
-                                 f"{sp:8.2f}x")
-    lines.append("tok/s: sampled tokens/s (sampling, iteration), sequence tokens through each model/s (ref+score), "
-                 "sequence tokens x epochs/s (update). speed-up = baseline s / ours s. peak: "
-                 + ("torch's max allocated bytes" if report["device"] == "cuda" else
-                    "peak RSS of a process holding only our models") + " (1 GB = 1e9 bytes)")
+    return lines
+
+
+def table_rows(prec: str, r: dict) -> list:
+    """The table's lines of one precision's results."""
+    lines = []
+    for variant in ("ours", "ours_compiled"):
+        if variant not in r:
+            continue
+        for phase in PHASES:
+            o = r[variant][phase]
+            label = PHASE_LABELS[phase] + (" (compiled)" if variant == "ours_compiled" else "")
+            peak = f"{o['peak_bytes'] / GB:8.2f}" if o["peak_bytes"] else f"{'-':>8}"
+            left = (f"{prec:<5} {label:<25} {o['median_s']:8.3f} {o['tokens_per_s']:9.1f} "
+                    f"{100 * o['mfu']:5.1f}% {peak}   ")
+            bases = [b for b in BASELINES[phase] if b in r.get("baselines", {})] if variant == "ours" else []
+            if not bases:
+                lines.append(left.rstrip())
+            for i, b in enumerate(bases):
+                bo = r["baselines"][b][phase]
+                sp = bo["median_s"] / o["median_s"]
+                prefix = left if i == 0 else " " * len(left)
+                lines.append(f"{prefix}{BASELINE_LABELS[b]:<31} {bo['median_s']:8.3f} {100 * bo['mfu']:7.1f}% "
+                             f"{sp:8.2f}x")
+    return lines
+
+
+def table_footer(report) -> list:
+    m = report["machine"]
+    lines = ["tok/s: sampled tokens/s (sampling, iteration), sequence tokens through each model/s (ref+score), "
+             "sequence tokens x epochs/s (update). speed-up = baseline s / ours s. peak: "
+             + ("torch's max allocated bytes" if report["device"] == "cuda" else
+                "peak RSS of a process holding only our models") + " (1 GB = 1e9 bytes)"]
     load = m.get("loadavg_start"), m.get("loadavg_end")
     if all(load):
         # the end figure includes this run's own threads; only load present before it started is other work
         lines.append(f"load average (1 min) at start {load[0][0]:.2f} (at end, including this run, {load[1][0]:.2f})"
                      + ("  -- other work shared this machine: timings are slower and noisier than on an idle one"
                         if load[0][0] > 0.5 else ""))
-    if report.get("sentiment"):
-        p = report["sentiment"]
-        lines.append(f"sentiment configuration on this device ({p['precision']}): per-rank batch {p['batch']}, "
-                     f"{p['seconds_per_iteration']:.3f} s/iteration (phases: "
-                     + ", ".join(f"{k} {v:.3f} s" for k, v in p["phase_s"].items()) + f"); {p['nupdates']} updates "
-                     f"for {p['total_episodes']} episodes -> projected {p['projected_hours']:.2f} h "
-                     f"({p['projected_hours'] * 60:.1f} min)")
-    return "\n".join(lines)
+    return lines
+
+
+def format_sentiment(p: dict) -> str:
+    """The projection's line: its timing and projected hours, or why it has none (out of memory)."""
+    head = (f"sentiment configuration on this device ({p['precision']}): per-rank batch {p['batch']}, "
+            f"micro-batches {p['micro_batches']} (rollout/train)")
+    if p.get("error"):
+        return f"{head}: {p['error']} ({p['detail']})"
+    peak = f", peak {p['peak_bytes'] / GB:.2f} GB" if p.get("peak_bytes") else ""
+    return (f"{head}, {p['seconds_per_iteration']:.3f} s/iteration{peak} (phases: "
+            + ", ".join(f"{k} {v:.3f} s" for k, v in p["phase_s"].items()) + f"); {p['nupdates']} updates "
+            f"for {p['total_episodes']} episodes -> projected {p['projected_hours']:.2f} h "
+            f"({p['projected_hours'] * 60:.1f} min)")
 
 
 def machine_info(device) -> dict:
@@ -591,18 +622,47 @@ def machine_info(device) -> dict:
     return info
 
 
-def sentiment_projection(device, precision, args) -> dict:
-    """Seconds per iteration at the sentiment experiment's real per-rank batch on one device, and the wall time
-    of its total episodes at that rate (sampling, scoring and PPO only; no logging or checkpoints)."""
-    s = sentiment_setting(args.size, None)
-    times = run_interleaved({"ours": OurIteration(s, precision, device, args.seed)}, warmup=args.warmup,
-                            repeats=args.repeats, device=device)["ours"]
-    gc.collect()
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or a RuntimeError saying "out of memory" (CPU allocator, older CUDA paths)."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def sentiment_projection(device, precision, args, batch: int | None = None,
+                         micro_batches: tuple | None = None) -> dict:
+    """Seconds per iteration at the sentiment experiment's real per-rank batch on one device, in its
+    run.rollout_micro_batch / run.train_micro_batch pieces, and the wall time of its total episodes at that rate
+    (sampling, scoring and PPO only; no logging or checkpoints). `batch` and `micro_batches` (rollout, train)
+    override the experiment's (tiny shapes for smoke tests). Out of memory is a result: 'error' says at which
+    batch and micro-batches, and nothing is timed."""
+    s = sentiment_setting(args.size, batch)
+    if micro_batches is not None:
+        s.hp.run.rollout_micro_batch, s.hp.run.train_micro_batch = micro_batches
+    run = s.hp.run
+    micro = "/".join("whole batch" if m is None else str(m) for m in (run.rollout_micro_batch, run.train_micro_batch))
+    out = dict(precision=precision, batch=s.batch, rollout_micro_batch=run.rollout_micro_batch,
+               train_micro_batch=run.train_micro_batch, micro_batches=micro, nupdates=s.ppo_hp.nupdates,
+               total_episodes=s.ppo_hp.total_episodes)
+    mem = PeakMemory(device)
+    oom = None
+    try:
+        mem.reset()
+        times = run_interleaved({"ours": OurIteration(s, precision, device, args.seed, micro_batches=True)},
+                                warmup=args.warmup, repeats=args.repeats, device=device)["ours"]
+    except (RuntimeError, MemoryError) as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if not (is_out_of_memory(err) or isinstance(err, MemoryError)):
+            raise
+        oom = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    gc.collect()  # outside the except block: the traceback's frames (and their tensors) are gone by now
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if oom is not None:
+        return dict(out, error=f"out of memory at batch {s.batch} with micro-batches {micro}", detail=oom)
     per_iter = statistics.median(times["iteration"])
-    nupdates = s.ppo_hp.nupdates
-    return dict(precision=precision, batch=s.batch, seconds_per_iteration=per_iter, nupdates=nupdates,
-                total_episodes=s.ppo_hp.total_episodes, projected_hours=per_iter * nupdates / 3600,
-                phase_s={k: statistics.median(v) for k, v in times.items() if k != "iteration"})
+    # CUDA: max allocated bytes of this process's run; the CPU's VmHWM would include the earlier contenders
+    peak = mem.peak() if device.type == "cuda" else None
+    return dict(out, seconds_per_iteration=per_iter, projected_hours=per_iter * s.ppo_hp.nupdates / 3600,
+                peak_bytes=peak, phase_s={k: statistics.median(v) for k, v in times.items() if k != "iteration"})
 
 
 def probe_memory(args, precision) -> dict:
@@ -681,10 +741,25 @@ def main(argv=None):
     sizes = {p: size for p, (_, size) in measured.items()}
     flops, tokens = phase_flops(s), phase_tokens(s)
 
-    results, resettable = {}, True
-    for prec in precisions:
+    results = {}
+    report = dict(size=args.size, batch=s.batch, query_length=s.query_length, response_length=s.response_length,
+                  noptepochs=s.ppo_hp.noptepochs, nminibatches=s.ppo_hp.nminibatches, device=device.type,
+                  repeats=args.repeats, warmup=args.warmup, matmul_sizes=sizes, matmul_flops_per_s=rates,
+                  machine=machine_info(device), memory_reset=True, results=results,
+                  command=" ".join(["python", "benchmarks/ppo_iteration.py"] +
+                                   (sys.argv[1:] if argv is None else list(argv))))
+    report["machine"].update(loadavg_start=load_start, malloc_keeps_freed=malloc_kept)
+
+    def save():  # every figure so far, before the next step that may fail (the projection may run out of memory)
+        report["machine"]["loadavg_end"] = os.getloadavg()
+        if args.json:
+            tmp = Path(f"{args.json}.tmp")
+            tmp.write_text(json.dumps(report, indent=1))
+            os.replace(tmp, args.json)
+
+    for i, prec in enumerate(precisions):
         probe = probe_memory(args, prec)
-        resettable &= probe["resettable"]
+        report["memory_reset"] &= probe["resettable"]
         contenders = {"ours": OurIteration(s, prec, device, args.seed)}
         if args.compile:
             contenders["ours_compiled"] = OurIteration(s, prec, device, args.seed, compiled=True)
@@ -703,22 +778,13 @@ def main(argv=None):
                               "nocache": summarize(times["nocache"], None, flops, tokens, rates[prec])}
             r["speedup"] = {phase: {b: r["baselines"][b][phase]["median_s"] / r["ours"][phase]["median_s"]
                                     for b in BASELINES[phase]} for phase in PHASES}
-    sentiment = None
+        save()
+        print("\n".join((table_header(report) if i == 0 else []) + table_rows(prec, r)), flush=True)
+    print("\n".join(table_footer(report)), flush=True)
     if args.sentiment or device.type == "cuda":
-        sentiment = sentiment_projection(device, "bf16" if "bf16" in precisions else precisions[0], args)
-
-    report = dict(size=args.size, batch=s.batch, query_length=s.query_length, response_length=s.response_length,
-                  noptepochs=s.ppo_hp.noptepochs, nminibatches=s.ppo_hp.nminibatches, device=device.type,
-                  repeats=args.repeats, warmup=args.warmup, matmul_sizes=sizes, matmul_flops_per_s=rates,
-                  machine=machine_info(device), memory_reset=resettable, results=results,
-                  command=" ".join(["python", "benchmarks/ppo_iteration.py"] +
-                                   (sys.argv[1:] if argv is None else list(argv))))
-    report["machine"].update(loadavg_start=load_start, loadavg_end=os.getloadavg(), malloc_keeps_freed=malloc_kept)
-    if sentiment:
-        report["sentiment"] = sentiment
-    print(format_table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        report["sentiment"] = sentiment_projection(device, "bf16" if "bf16" in precisions else precisions[0], args)
+        save()
+        print(format_sentiment(report["sentiment"]), flush=True)
     return report
 
 

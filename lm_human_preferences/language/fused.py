@@ -7,6 +7,15 @@ said, the same numbers within float32 rounding), only faster or in less memory.
 - `tied_grad`, `embedding`, `lm_head`: the tied embedding matrix's two gradients summed in place.
 - `logprobs_entropy`: logprobs and entropies in one chunked float32 pass with a hand-written backward.
 - `store_linears_in`: a frozen model's Linear weights kept in bfloat16 for bfloat16 autocast.
+- `host_reads_are_free`, `cuda_tf32_from_env`: what differs on an accelerator (below).
+
+On an accelerator (CUDA), reading a tensor's values on the host (`.item()`, `bool()`, boolean indexing,
+`torch.unique`, `.tolist()`) waits until every queued kernel has run, so the forward and backward never do it there:
+the token check is an asynchronous device-side assert and the tied embedding's gradient is added row by row
+(`index_add_`, no `torch.unique`). The LM head's product is cuBLAS's own `F.linear`, written straight into the
+(N, V) logits (no transposed copy). Float32 products there stay full float32 unless LMHP_TF32=1, which allows
+TF32 tensor cores for every float32 matmul on CUDA (the LM head under bf16, the whole model under fp32): about
+10 bits of mantissa in the products' inputs, float32 accumulation. None of this changes a CPU run's numbers.
 
 oneDNN. The LM head multiplies a few hundred hidden states by the (50,257 x n_embd) embedding matrix: a product with
 a long output dimension and a short reduction one (n_embd). PyTorch's float32 `mm` sends it to MKL's sgemm, which
@@ -70,6 +79,8 @@ def linear_nt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if (op is not None and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return op(x.contiguous(), weight.contiguous(), None, "none", [], "")
+    if x.device.type != "cpu":
+        return F.linear(x, weight)  # cuBLAS writes the (N, V) result directly
     return torch.mm(weight, x.t()).t().contiguous()  # (W x^T)^T: on CPU faster than x W^T through MKL
 
 
@@ -84,6 +95,26 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         return layer(x)
     out = op(x.reshape(-1, x.shape[-1]).contiguous(), w, layer.bias, "none", [], "")
     return out.view(*x.shape[:-1], w.shape[0])
+
+
+# ---- accelerators: no host reads, TF32 on request --------------------------------------------------------------
+
+def host_reads_are_free(device: torch.device) -> bool:
+    """True on the CPU, where reading a tensor's values on the host costs nothing; False on an accelerator (and the
+    meta device), where it waits for every queued kernel, so callers take a formulation without host reads."""
+    return device.type == "cpu"
+
+
+def cuda_tf32_from_env() -> bool:
+    """Allows TF32 for CUDA's float32 matmuls if the environment has LMHP_TF32=1 (returns whether it did); leaves
+    the setting alone for 0 or unset. ValueError for any other value. Changes nothing on the CPU."""
+    text = os.environ.get("LMHP_TF32", "").strip()
+    if text not in ("", "0", "1"):
+        raise ValueError(f"environment variable LMHP_TF32={text!r} must be 1 (TF32 matmuls on CUDA) or 0; "
+                         f"set it to 1 or 0, or unset it")
+    if text == "1":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return text == "1"
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------
@@ -148,9 +179,11 @@ class TiedLMHead(torch.autograd.Function):
 class TiedEmbedding(torch.autograd.Function):
     """weight[tokens], whose backward adds its gradient to the LM head's one waiting in `tied` (if any).
 
-    The rows of each distinct token are summed in order of occurrence, as the dense embedding backward sums them,
-    and then added to the LM head's gradient in place: the same bits as autograd's sum of the two dense gradients,
-    without materialising either extra (V, C) matrix.
+    On the CPU the rows of each distinct token are summed in order of occurrence, as the dense embedding backward
+    sums them, and then added to the LM head's gradient in place: the same bits as autograd's sum of the two dense
+    gradients, without materialising either extra (V, C) matrix. On an accelerator `torch.unique` would wait for
+    the queue, so each row is added to the LM head's gradient directly (the same sum within float32 rounding; in
+    an order that may vary run to run, CUDA's atomics, unless torch.use_deterministic_algorithms(True)).
     """
 
     @staticmethod
@@ -166,6 +199,9 @@ class TiedEmbedding(torch.autograd.Function):
         grad_w, ctx.tied.grad = ctx.tied.grad, None
         if grad_w is None:
             return None, torch.ops.aten.embedding_dense_backward(grad, tokens, ctx.num_weights, -1, False), None
+        if not host_reads_are_free(grad.device):  # every row straight into grad_w: no unique, no host sync
+            rows = grad.reshape(-1, grad.shape[-1]).to(grad_w.dtype)
+            return None, grad_w.index_add_(0, tokens.reshape(-1), rows), None
         unique, inverse = torch.unique(tokens.reshape(-1), return_inverse=True)
         sums = grad.new_zeros(len(unique), grad.shape[-1]).index_add_(0, inverse, grad.reshape(-1, grad.shape[-1]))
         return None, grad_w.index_add_(0, unique, sums.to(grad_w.dtype)), None

@@ -195,6 +195,7 @@ def copy_last_real(h, mask):
 class GPT2(nn.Module):
     def __init__(self, config: GPT2Config, scalar_heads=()):
         super().__init__()
+        fused.cuda_tf32_from_env()  # LMHP_TF32=1: TF32 for CUDA's float32 matmuls (ValueError for a bad value)
         self.config = config
         self.wte = nn.Embedding(config.n_vocab, config.n_embd)
         self.wpe = nn.Embedding(config.n_ctx, config.n_embd)
@@ -221,10 +222,19 @@ class GPT2(nn.Module):
                 head.reset_parameters()
 
     def check_tokens(self, tokens, padding_token):
-        """Raises if a token id is outside the vocabulary and is not the pad id."""
-        real = tokens if padding_token is None else tokens[tokens != padding_token]
-        if real.numel() and (real.min() < 0 or real.max() >= self.config.n_vocab):
-            bad = real[(real < 0) | (real >= self.config.n_vocab)][0].item()
+        """Raises if a token id is outside the vocabulary and is not the pad id.
+
+        On an accelerator this is an asynchronous device-side assert (reading the ids on the host would stall every
+        forward): a bad id stops the run at the next synchronisation, with CUDA's message instead of this one; the
+        readable checks there are those where tokens enter (query datasets, label files, task settings)."""
+        ok = (tokens >= 0) & (tokens < self.config.n_vocab)
+        if padding_token is not None:
+            ok |= tokens == padding_token
+        if not fused.host_reads_are_free(tokens.device):
+            torch._assert_async(ok.all(), f"a token id is outside the vocabulary [0, {self.config.n_vocab}) and is "
+                                          f"not the padding token {padding_token}")
+        elif not ok.all():
+            bad = tokens[~ok][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.n_vocab}) and is not the "
                              f"padding token {padding_token}; check the encoding the data was tokenized with")
 

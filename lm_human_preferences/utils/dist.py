@@ -30,11 +30,21 @@ class DistInfo:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """run.device ('auto', 'cpu' or 'cuda') as this process's device. On CUDA: cuda:LOCAL_RANK where the process sees
+    every GPU of its node, cuda:0 where it sees one (a scheduler gave each process its own GPU); ValueError otherwise."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("run.device=cuda but no CUDA device is available; use --run.device cpu")
+        visible = torch.cuda.device_count()
+        if visible == 1:
+            return torch.device("cuda", 0)
+        if local_rank >= visible:
+            raise ValueError(f"LOCAL_RANK={local_rank} but this process sees only {visible} CUDA devices "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): start at most "
+                             f"{visible} processes per node (torchrun --nproc_per_node {visible}) or give each "
+                             f"process one GPU")
         return torch.device("cuda", local_rank)
     if device == "cpu":
         return torch.device("cpu")
@@ -72,8 +82,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if info.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=dist_timeout(),
-                                device_id=dev if dev.type == "cuda" else None)
+        # No device_id: it turns on NCCL's eager, non-blocking init, which hangs at random in torch 2.7.0
+        # (pytorch#153960). Lazy init (the communicator is made by the first collective) costs one slower first
+        # collective; barrier() names the device itself.
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=dist_timeout())
     return info
 
 
@@ -82,7 +94,11 @@ def is_distributed():
 
 
 def barrier():
-    if is_distributed():
+    if not is_distributed():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])  # the device set_device chose, not a guess by rank
+    else:
         dist.barrier()
 
 

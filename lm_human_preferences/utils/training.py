@@ -75,26 +75,36 @@ def nonfinite_parameter(module: torch.nn.Module) -> Optional[str]:
 
 
 def rng_state(np_rng: np.random.RandomState, generator: torch.Generator) -> dict:
-    """Every RNG of this rank as tensors and plain values (loadable with torch.load(weights_only=True))."""
+    """Every RNG of this rank as tensors and plain values (loadable with torch.load(weights_only=True)). On CUDA the
+    default generator of the rank's own GPU (the device of `generator`) only, so the state does not depend on which
+    other GPUs the process sees."""
     py = random.getstate()
     out = {"python": [py[0], list(py[1]), py[2]], "numpy": _np_state(np_rng.get_state()),
            "numpy_global": _np_state(np.random.get_state()),
            "torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        out["torch_cuda"] = torch.cuda.get_rng_state_all()
+    if generator.device.type == "cuda":
+        out["torch_cuda"] = torch.cuda.get_rng_state(generator.device)
     return out
 
 
 def set_rng_state(state: dict, np_rng: np.random.RandomState, generator: torch.Generator):
-    """Restores every RNG `rng_state` captured."""
+    """Restores every RNG `rng_state` captured. A CUDA state is restored on the rank's own GPU only, and ignored by
+    a run on the CPU; older checkpoints hold one state per visible GPU, of which the one at this GPU's index is used."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     np_rng.set_state(_np_state_back(state["numpy"]))
     np.random.set_state(_np_state_back(state["numpy_global"]))
     torch.set_rng_state(state["torch_cpu"])
     generator.set_state(state["generator"])
-    if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["torch_cuda"])
+    cuda_state = state.get("torch_cuda")
+    if generator.device.type != "cuda" or cuda_state is None:
+        return
+    if isinstance(cuda_state, (list, tuple)):  # the old format: torch.cuda.get_rng_state_all() of the saving process
+        index = generator.device.index or 0
+        if index >= len(cuda_state):
+            return  # written with fewer visible GPUs; the default CUDA generator draws nothing the run depends on
+        cuda_state = cuda_state[index]
+    torch.cuda.set_rng_state(cuda_state, generator.device)
 
 
 def _np_state(np_state) -> list:

@@ -224,6 +224,8 @@ CATALOGUE += [
      ["{rm_n_head_0}/hparams.json: n_head = 0 must be a positive integer"]),
     ("dist_timeout_not_a_number", REWARD, {"LMHP_DIST_TIMEOUT": "abc"},
      ["environment variable LMHP_DIST_TIMEOUT='abc' is not a number of seconds"]),
+    ("tf32_not_0_or_1", REWARD, {"LMHP_TF32": "yes"},
+     ["environment variable LMHP_TF32='yes' must be 1 (TF32 matmuls on CUDA) or 0"]),
 ]
 if not torch.cuda.is_available():
     CATALOGUE.append(("cuda_without_gpu", [*REWARD, "--run.device", "cuda"], {},

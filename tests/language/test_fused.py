@@ -169,3 +169,30 @@ def test_large_linears_run_on_onednn_without_grad_and_on_the_layer_with_it(monke
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fused.linear(x, layer)
     assert len(calls) == 1  # autocast keeps its own casts
+
+
+@pytest.fixture
+def tf32_flag():
+    """Restores CUDA's TF32 matmul flag (a process-wide setting; it can be set without a GPU)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("value, allowed", [("1", True), ("0", False), ("", False), (None, False)])
+def test_lmhp_tf32_opts_in_to_tf32_matmuls_on_cuda(monkeypatch, tf32_flag, value, allowed):
+    if value is None:
+        monkeypatch.delenv("LMHP_TF32", raising=False)
+    else:
+        monkeypatch.setenv("LMHP_TF32", value)
+    small_model()  # building a model applies it
+    assert torch.backends.cuda.matmul.allow_tf32 is allowed
+
+
+def test_a_bad_lmhp_tf32_is_a_one_line_error(monkeypatch, tf32_flag):
+    monkeypatch.setenv("LMHP_TF32", "yes")
+    with pytest.raises(ValueError, match=r"^environment variable LMHP_TF32='yes' must be 1 \(TF32 matmuls on CUDA\) "
+                                         r"or 0; set it to 1 or 0, or unset it$"):
+        small_model()
+    assert torch.backends.cuda.matmul.allow_tf32 is False

@@ -8,7 +8,7 @@ import torch
 import launch
 import params
 from lm_human_preferences.hparams import TrainRewardHParams
-from lm_human_preferences.utils import precision
+from lm_human_preferences.utils import dist, precision
 
 
 @pytest.fixture(autouse=True)
@@ -45,12 +45,22 @@ def test_auto_on_a_native_bf16_cpu_follows_the_timed_probe(monkeypatch, speedup,
 
 
 @pytest.mark.parametrize("capability, expected", [((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 0), "fp32"),
-                                                  ((7, 5), "fp32")])
-def test_auto_on_cuda_needs_bf16_tensor_cores(monkeypatch, capability, expected):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+                                                  ((7, 5), "fp32"), ((8, 6), "bf16"), ((8, 9), "bf16"),
+                                                  ((10, 0), "bf16"), ((12, 0), "bf16"), ((6, 1), "fp32"),
+                                                  ((7, 2), "fp32")])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_auto_on_cuda_needs_bf16_tensor_cores(monkeypatch, capability, expected, device):
+    # V100 (7.0) and T4 (7.5): torch's is_bf16_supported() is True there through emulation; it must not decide
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mock GPU")
-    choice = precision.choose_precision("auto", torch.device("cuda"))
+    choice = precision.choose_precision("auto", torch.device(device))
     assert choice.precision == expected and f"{capability[0]}.{capability[1]}" in choice.reason
+    assert asked == [torch.device(device)]  # the run's own GPU, not device 0
+    settings = dist.resolved_run_settings("auto", torch.device(device))
+    assert settings["run.precision"] == expected and "compute capability" in settings["run.precision_reason"]
+    assert precision.choose_precision("fp32", torch.device(device)).precision == "fp32"
 
 
 def test_explicit_bf16_on_an_emulating_cpu_runs_but_warns_once_with_the_ratio(monkeypatch, capsys):

@@ -57,3 +57,61 @@ def test_seed_rank_is_the_originals_per_rank_seed_and_rng_state_round_trips():
     training.set_rng_state(state, np_rng, gen)
     again = (np_rng.randint(1 << 30), np.random.randint(1 << 30), torch.rand(2), torch.rand(2, generator=gen))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2]) and torch.equal(first[3], again[3])
+
+
+class FakeGpus:
+    """`count` visible CUDA devices whose default generators are CPU generators (torch.cuda.random's own
+    get_rng_state / set_rng_state run unchanged on them)."""
+
+    def __init__(self, monkeypatch, count):
+        self.generators = tuple(torch.Generator().manual_seed(100 + i) for i in range(count))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda.random, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "default_generators", self.generators, raising=False)
+        monkeypatch.setattr(torch.cuda.random, "_lazy_init", lambda: None)
+        monkeypatch.setattr(torch.cuda.random, "_lazy_call", lambda cb, **kwargs: cb())
+        monkeypatch.setattr(torch.cuda.random, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda.random, "current_device", lambda: 0)
+
+
+class RankGenerator:
+    """The rank's sampling generator on cuda:`index` (a CPU generator that reports a CUDA device)."""
+
+    def __init__(self, index):
+        self.device, self._gen = torch.device("cuda", index), torch.Generator().manual_seed(5)
+
+    def get_state(self):
+        return self._gen.get_state()
+
+    def set_state(self, state):
+        self._gen.set_state(state)
+
+
+def test_rng_state_holds_only_the_ranks_own_gpu_and_resumes_under_another_visible_layout(monkeypatch):
+    gpus = FakeGpus(monkeypatch, 8)  # torchrun on one 8-GPU node: rank 3 uses cuda:3
+    state = training.rng_state(np.random.RandomState(0), RankGenerator(3))
+    assert torch.equal(state["torch_cuda"], gpus.generators[3].get_state())
+    expected = torch.rand(4, generator=gpus.generators[3])
+    resumed = FakeGpus(monkeypatch, 1)  # the scheduler now gives each process its own GPU: it sees cuda:0 only
+    training.set_rng_state(state, np.random.RandomState(0), RankGenerator(0))
+    assert torch.equal(torch.rand(4, generator=resumed.generators[0]), expected)
+
+
+def test_old_checkpoints_with_every_gpus_state_still_load(monkeypatch):
+    states = [torch.Generator().manual_seed(200 + i).get_state() for i in range(8)]
+    old = dict(training.rng_state(np.random.RandomState(0), torch.Generator()), torch_cuda=states)
+    training.set_rng_state(old, np.random.RandomState(0), torch.Generator())  # a CPU run ignores them
+    gpus = FakeGpus(monkeypatch, 2)
+    training.set_rng_state(old, np.random.RandomState(0), RankGenerator(1))
+    assert torch.equal(gpus.generators[1].get_state(), states[1]) and torch.equal(gpus.generators[0].get_state(),
+                                                                                  torch.Generator().manual_seed(100)
+                                                                                  .get_state())
+    gpus = FakeGpus(monkeypatch, 1)
+    training.set_rng_state(old, np.random.RandomState(0), RankGenerator(0))
+    assert torch.equal(gpus.generators[0].get_state(), states[0])
+
+
+def test_a_cpu_run_saves_no_cuda_state_even_where_cuda_is_available(monkeypatch):
+    FakeGpus(monkeypatch, 2)
+    assert "torch_cuda" not in training.rng_state(np.random.RandomState(0), torch.Generator())
