@@ -14,6 +14,7 @@ import difflib
 from typing import Any, Dict, Mapping
 
 from lm_human_preferences.hparams import TrainPolicyHParams, TrainRewardHParams
+from lm_human_preferences.utils import memory
 from lm_human_preferences.utils.hyperparams import HParams, HParamsError
 
 Binds = Dict[str, Any]
@@ -96,17 +97,18 @@ _SHARED_REWARD = {
 }
 
 # Memory knobs (not in the original, which needed 8 x 32 GB V100s): per-rank chunk sizes for the no-grad
-# sampling/scoring passes and for gradient accumulation. They leave the math unchanged and are chosen (by
-# activation-size estimates for the 124M model in bf16) so that even a single 24 GB GPU holds a whole run.
-_BOOKS_MEMORY = {'run.rollout_micro_batch': 128, 'run.train_micro_batch': 32}
-_SUMMARIZE_MEMORY = {'run.rollout_micro_batch': 16, 'run.train_micro_batch': 4}
+# sampling/scoring passes and for gradient accumulation. They leave the math unchanged (up to float summation
+# order) and are chosen with utils/memory.estimate so that one 24 GB GPU holds a whole run of the paper's 774M model
+# in bf16 where it can (`memory_table()` below, the README's GPU memory table); 124M needs far less.
+_BOOKS_MEMORY = {'run.rollout_micro_batch': 64, 'run.train_micro_batch': 16}
+_SUMMARIZE_MEMORY = {'run.rollout_micro_batch': 16, 'run.train_micro_batch': 2}
 
 _BOOKS_REWARD = combine(nest('task', BOOKS_TASK), _SHARED_REWARD, {
     'batch_size': 32,
     'lr': 5e-5,
     'rollout_batch_size': 512,
-    'run.rollout_micro_batch': 128,
-    'run.train_micro_batch': 8,  # label records: 4 sequences each
+    'run.rollout_micro_batch': 64,
+    'run.train_micro_batch': 4,  # label records: 4 sequences each
 })
 
 _SUMMARIZE_REWARD = combine(_SHARED_REWARD, {
@@ -114,7 +116,7 @@ _SUMMARIZE_REWARD = combine(_SHARED_REWARD, {
     'lr': 2.5e-5,
     'rollout_batch_size': 128,
     'run.rollout_micro_batch': 16,
-    'run.train_micro_batch': 2,
+    'run.train_micro_batch': 1,  # one label record: 4 sequences of 583 tokens
 })
 
 TRAIN_REWARD_EXPERIMENTS: Dict[str, Binds] = {
@@ -252,3 +254,23 @@ def _command(command: str):
     if command not in COMMANDS:
         raise HParamsError(f"unknown command '{command}': use one of {', '.join(COMMANDS)}")
     return COMMANDS[command]
+
+
+# ---- GPU memory (README "GPU memory" table) -------------------------------------------------------------
+
+MEMORY_TABLE_EXPERIMENTS = ('sentiment', 'descriptiveness', 'cnndm', 'tldr')
+
+
+def memory_table() -> str:
+    """The README's table of estimated GB per GPU (bf16) for the policy experiments with 124M and 774M on 1 and 8
+    GPUs (utils/memory.estimate)."""
+    rows = []
+    for experiment in MEMORY_TABLE_EXPERIMENTS:
+        for model in ('124M', '774M'):
+            flat = get_hparams('train_policy', experiment, {
+                'task.policy.initial_model': model,
+                'rewards.train_new_model.task.policy.initial_model': model}).to_flat_dict()
+            for world_size in (1, 8):
+                rows.append((experiment, model, world_size, flat,
+                             memory.run_estimate(flat, memory.GPT2_SHAPES[model], world_size)))
+    return memory.render_table(rows)

@@ -330,7 +330,10 @@ def open_run(hp, run_dir: Optional[RunDir], *, resume: bool, overwrite: bool, pr
     Checks the settings and the world size (before any collective, so every rank fails alike), starts the process
     group, then on every rank checks the run directory (a usable path; an existing run needs `resume` or
     `overwrite`), with rank 0 first taking the run directory's lock (another process using it is an input error),
-    and calls `prepare(info)`, which loads and checks every other input and writes nothing. If any rank fails,
+    and calls `prepare(info)`, which loads and checks every other input and writes nothing; a collective in
+    `prepare` must be one every rank reaches, so a load that may fail on one rank only (a file on one node's disk)
+    is agreed on first (`ckpt.validated_inputs`, as the trainers' `build_trainer` do before they broadcast rank 0's
+    weights), and no rank waits in a collective that a failed rank skipped. If any rank fails,
     rank 0 releases the lock and removes the directories it created. Only when every rank has passed does rank 0
     clear the old run for `overwrite` and write the run marker; all ranks then start together. Rank 0 keeps the
     lock until the process ends or opens another run.

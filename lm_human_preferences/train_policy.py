@@ -319,21 +319,22 @@ def reward_hparams(hp: TrainPolicyHParams, run_dir):
 
 
 def build_trainer(hp: TrainPolicyHParams, info, trained_model) -> PPOTrainer:
-    """Seeds this rank, then loads the score model, reference policy, policy and query sampler (raising on bad
-    input); writes nothing."""
-    precision = dist.resolve_precision(hp.run.precision, info.device)
-    np_rng, generator = seed_rank(hp.run.seed, info.rank, info.device)
-    task = hp.task
-    enc, prefix, suffix = runs.task_encodings(task)
-    score_model = runs.load_reward_model(trained_model, n_vocab=enc.n_vocab, padding_token=enc.padding_token,
-                                         device=info.device)
-    ref_policy = runs.build_policy(task, enc, prefix, suffix, info.device, frozen=True)
-    policy = runs.build_policy(task, enc, prefix, suffix, info.device, frozen=False)
+    """Seeds this rank, loads the score model, reference policy, policy and query sampler (InputError on every
+    rank if any rank failed), then gives every rank rank 0's weights; writes nothing."""
+    with ckpt.validated_inputs(info.device):  # no collective before it: a load may fail on one rank only
+        precision = dist.resolve_precision(hp.run.precision, info.device)
+        np_rng, generator = seed_rank(hp.run.seed, info.rank, info.device)
+        task = hp.task
+        enc, prefix, suffix = runs.task_encodings(task)
+        score_model = runs.load_reward_model(trained_model, n_vocab=enc.n_vocab, padding_token=enc.padding_token,
+                                             device=info.device)
+        ref_policy = runs.build_policy(task, enc, prefix, suffix, info.device, frozen=True)
+        policy = runs.build_policy(task, enc, prefix, suffix, info.device, frozen=False)
+        sampler = QuerySampler(task.query_dataset, "train", enc, task.query_length, task.start_text, task.end_text,
+                               dist.exact_batch(hp.ppo.batch_size, info.world_size, "ppo.batch_size"),
+                               rank=info.rank, world_size=info.world_size)
     for module in (score_model, ref_policy, policy):
         dist.broadcast_module(module)
-    sampler = QuerySampler(task.query_dataset, "train", enc, task.query_length, task.start_text, task.end_text,
-                           dist.exact_batch(hp.ppo.batch_size, info.world_size, "ppo.batch_size"),
-                           rank=info.rank, world_size=info.world_size)
     return PPOTrainer(hp, info, score_model=score_model, ref_policy=ref_policy, policy=policy, sampler=sampler,
                       enc=enc, precision=precision, np_rng=np_rng, generator=generator)
 

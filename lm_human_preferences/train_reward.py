@@ -168,25 +168,26 @@ class RewardTrainer:
 
 
 def build_trainer(hp: TrainRewardHParams, info) -> RewardTrainer:
-    """Seeds this rank, then loads and checks the labels, the reference policy, the reward model and the query
-    sampler (raising on bad input); writes nothing."""
-    precision = dist.resolve_precision(hp.run.precision, info.device)
-    np_rng, generator = seed_rank(hp.run.seed, info.rank, info.device)
-    task = hp.task
-    enc, prefix, suffix = runs.task_encodings(task)
-    label_type = label_types.get_label_type(hp.labels.type)
-    train_labels, heldout = label_files.load_labels(
-        hp.labels.source, hp.labels.type, query_length=task.query_length, response_length=task.response_length,
-        n_vocab=enc.n_vocab, padding_token=enc.padding_token, num_train=hp.labels.num_train)
-    ref_policy = runs.build_policy(task, enc, prefix, suffix, info.device, frozen=True)
-    reward_model = runs.build_reward_model(task, enc, info.device)
-    if info.is_main and hp.run.save_dir:
-        runs.check_space_for_reward_model(RunDir(hp.run.save_dir), reward_model)
+    """Seeds this rank, loads and checks the labels, the reference policy, the reward model and the query sampler
+    (InputError on every rank if any rank failed), then gives every rank rank 0's weights; writes nothing."""
+    with ckpt.validated_inputs(info.device):  # no collective before it: a load may fail on one rank only
+        precision = dist.resolve_precision(hp.run.precision, info.device)
+        np_rng, generator = seed_rank(hp.run.seed, info.rank, info.device)
+        task = hp.task
+        enc, prefix, suffix = runs.task_encodings(task)
+        label_type = label_types.get_label_type(hp.labels.type)
+        train_labels, heldout = label_files.load_labels(
+            hp.labels.source, hp.labels.type, query_length=task.query_length, response_length=task.response_length,
+            n_vocab=enc.n_vocab, padding_token=enc.padding_token, num_train=hp.labels.num_train)
+        ref_policy = runs.build_policy(task, enc, prefix, suffix, info.device, frozen=True)
+        reward_model = runs.build_reward_model(task, enc, info.device)
+        if info.is_main and hp.run.save_dir:
+            runs.check_space_for_reward_model(RunDir(hp.run.save_dir), reward_model)
+        sampler = QuerySampler(task.query_dataset, "train", enc, task.query_length, task.start_text, task.end_text,
+                               dist.exact_batch(hp.rollout_batch_size, info.world_size, "rollout_batch_size"),
+                               rank=info.rank, world_size=info.world_size)
     dist.broadcast_module(ref_policy)
     dist.broadcast_module(reward_model)
-    sampler = QuerySampler(task.query_dataset, "train", enc, task.query_length, task.start_text, task.end_text,
-                           dist.exact_batch(hp.rollout_batch_size, info.world_size, "rollout_batch_size"),
-                           rank=info.rank, world_size=info.world_size)
     return RewardTrainer(hp, info, reward_model=reward_model, ref_policy=ref_policy, sampler=sampler,
                          label_type=label_type, train_labels=train_labels, heldout=heldout, precision=precision,
                          np_rng=np_rng, generator=generator)

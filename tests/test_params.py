@@ -8,6 +8,7 @@ import pytest
 
 import params
 from lm_human_preferences.hparams import TrainPolicyHParams, TrainRewardHParams, check_world_size
+from lm_human_preferences.utils import memory
 from lm_human_preferences.utils.hyperparams import HParamsError
 
 ORIGINAL_EXPERIMENTS = ('sentiment', 'descriptiveness', 'cnndm', 'tldr')
@@ -151,3 +152,40 @@ def test_package_never_imports_params_or_launch():
     offenders = [str(p.relative_to(REPO)) for p in (REPO / 'lm_human_preferences').rglob('*.py')
                  if pattern.search(p.read_text(encoding='utf-8'))]
     assert offenders == []
+
+
+# ---- GPU memory (utils/memory.py) ---------------------------------------------------------------------------
+
+def _memory(name, model, world_size):
+    flat = params.get_hparams('train_policy', name, {
+        'task.policy.initial_model': model, 'rewards.train_new_model.task.policy.initial_model': model}).to_flat_dict()
+    return memory.run_estimate(flat, memory.GPT2_SHAPES[model], world_size)
+
+
+@pytest.mark.parametrize('name', params.MEMORY_TABLE_EXPERIMENTS)
+@pytest.mark.parametrize('world_size', [1, 8])
+def test_124M_fits_a_24GB_gpu(name, world_size):
+    gb = _memory(name, '124M', world_size)
+    assert set(gb) == {'policy', 'reward'} and max(gb.values()) <= memory.FITS_GB
+
+
+@pytest.mark.parametrize('name', params.MEMORY_TABLE_EXPERIMENTS)
+def test_774M_fits_one_24GB_gpu_where_it_can(name):
+    """PPO at 774M fits one 24 GB GPU for every task, reward training for the books tasks; the summarization reward
+    training (one label = 4 sequences of 583 tokens, the smallest micro-batch) and 8 GPUs (3.1 GB of DDP buckets)
+    need a 32 GB card, as the README's table says."""
+    gb = _memory(name, '774M', 1)
+    assert gb['policy'] <= memory.FITS_GB
+    if name in ('sentiment', 'descriptiveness'):
+        assert gb['reward'] <= memory.FITS_GB
+    assert max(_memory(name, '774M', 8).values()) <= 32 * 0.9
+
+
+def test_readme_memory_table_is_the_estimate():
+    """The README's GPU memory table is `params.memory_table()` verbatim (regenerate it when a default changes)."""
+    table = params.memory_table()
+    readme = (REPO / 'README.md').read_text()
+    header = table.splitlines()[0]
+    assert header in readme, f"README.md lacks the GPU memory table; paste params.memory_table():\n{table}"
+    start = readme.index(header)
+    assert readme[start:start + len(table) + 1] == table + '\n', f"README's table differs from:\n{table}"

@@ -212,8 +212,9 @@ def agreed_checkpoint(root, is_main: bool):
     choice = None
     if is_main:
         try:
-            latest = checkpoint_to_resume(root)
-            choice = ("ok", None, None) if latest is None else ("ok", latest.name, _marker(latest))
+            with input_errors():  # any failure to read becomes one that every rank raises, never a lone rank
+                latest = checkpoint_to_resume(root)
+                choice = ("ok", None, None) if latest is None else ("ok", latest.name, _marker(latest))
         except InputError as e:
             choice = ("error", str(e), None)
     kind, name, marker = dist.broadcast_object(choice)

@@ -69,14 +69,29 @@ def env_info(device: str = "auto") -> DistInfo:
     """Rank, world size and device from torchrun's environment, without starting a process group (so settings
     can be checked against the world size before any collective); LMHP_DIST_TIMEOUT is checked here too."""
     dist_timeout()
+    deterministic_from_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=resolve_device(device, local_rank))
 
 
+def deterministic_from_env() -> bool:
+    """Whether LMHP_DETERMINISTIC=1 asks for deterministic kernels (GPU runs are not bit-reproducible without them);
+    ValueError for a value other than 0 or 1."""
+    value = os.environ.get("LMHP_DETERMINISTIC", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"environment variable LMHP_DETERMINISTIC={value!r} must be 1 (deterministic kernels) or 0; "
+                         f"set it to 1 or 0, or unset it")
+    return value == "1"
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Reads torchrun's environment, initialises the process group when WORLD_SIZE > 1, and picks the device."""
+    """Reads torchrun's environment, initialises the process group when WORLD_SIZE > 1, and picks the device;
+    with LMHP_DETERMINISTIC=1 first turns on deterministic algorithms (and cuBLAS's deterministic workspace)."""
+    if deterministic_from_env():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     info = env_info(device)
     dev = info.device
     if dev.type == "cuda":

@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pytest
 
+import params
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "ppo_iteration.py"
+_SENTIMENT_RUN = params.get_hparams("train_policy", "sentiment").run
+SENTIMENT_MICRO = (_SENTIMENT_RUN.rollout_micro_batch, _SENTIMENT_RUN.train_micro_batch)  # params.py's settings
 PHASES = ("sampling", "score", "update", "iteration")
 FIGURES = ("median_s", "times_s", "tokens_per_s", "flops", "flops_per_s", "mfu", "peak_bytes")
 
@@ -46,8 +50,8 @@ def test_benchmark_reports_every_phase_and_baseline(tmp_path):
             assert ratio == pytest.approx(r["baselines"][base][phase]["median_s"] / r["ours"][phase]["median_s"])
     s = report["sentiment"]
     assert s["batch"] == 512 and s["total_episodes"] == 1_000_000 and s["nupdates"] == 1954
-    assert (s["rollout_micro_batch"], s["train_micro_batch"]) == (128, 32) and "error" not in s
-    assert "per-rank batch 512, micro-batches 128/32" in stdout
+    assert (s["rollout_micro_batch"], s["train_micro_batch"]) == SENTIMENT_MICRO and "error" not in s
+    assert "per-rank batch 512, micro-batches {}/{}".format(*SENTIMENT_MICRO) in stdout
     assert s["projected_hours"] == pytest.approx(s["seconds_per_iteration"] * s["nupdates"] / 3600)
     assert "targets" not in report  # the targets are for the 124M shape
     # the table names every phase and baseline, with its speed-up, and the projection
@@ -89,7 +93,7 @@ def run_injected(tmp_path, error):
     cmd = [sys.executable, "-c", code, "--size", "test", "--threads", "1", "--repeats", "1", "--warmup", "0",
            "--precision", "fp32", "--no-baselines", "--sentiment", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert "projection micro-batches 128/32" in proc.stderr, proc.stderr[-3000:]  # params.py's sentiment settings
+    assert "projection micro-batches {}/{}".format(*SENTIMENT_MICRO) in proc.stderr, proc.stderr[-3000:]
     return proc, out
 
 
@@ -102,10 +106,10 @@ def test_projection_out_of_memory_is_a_figure_and_keeps_every_other(tmp_path, er
     ours = report["results"]["fp32"]["ours"]
     assert set(ours) == set(PHASES) and all(ours[p]["median_s"] > 0 and ours[p]["peak_bytes"] for p in PHASES)
     s = report["sentiment"]
-    assert (s["batch"], s["rollout_micro_batch"], s["train_micro_batch"]) == (512, 128, 32)
-    assert s["error"] == "out of memory at batch 512 with micro-batches 128/32"
+    assert (s["batch"], s["rollout_micro_batch"], s["train_micro_batch"]) == (512, *SENTIMENT_MICRO)
+    assert s["error"] == "out of memory at batch 512 with micro-batches {}/{}".format(*SENTIMENT_MICRO)
     assert "out of memory" in s["detail"] and "projected_hours" not in s
-    assert "update (4 ep)" in proc.stdout and "out of memory at batch 512 with micro-batches 128/32" in proc.stdout
+    assert "update (4 ep)" in proc.stdout and "out of memory at batch 512 with micro-batches {}/{}".format(*SENTIMENT_MICRO) in proc.stdout
 
 
 def test_projection_crash_keeps_every_earlier_figure(tmp_path):

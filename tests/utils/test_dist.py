@@ -1,6 +1,7 @@
 """torchrun plumbing read from the environment: LMHP_DIST_TIMEOUT, the CUDA device each rank uses (mocked device
 counts), and the process group started without device_id; checked before any collective."""
 import datetime
+import os
 import re
 
 import pytest
@@ -88,3 +89,22 @@ def test_barrier_names_the_ranks_gpu_on_nccl(monkeypatch, backend):
     monkeypatch.setattr(torch.distributed, "barrier", lambda **kw: calls.append(kw))
     dist.barrier()
     assert calls == ([{"device_ids": [5]}] if backend == "nccl" else [{}])
+
+
+def test_lmhp_deterministic_turns_on_deterministic_algorithms_and_rejects_other_values(monkeypatch, tmp_path):
+    import launch
+    import params
+    from lm_human_preferences import train_reward
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("LMHP_DETERMINISTIC", "yes")
+    with pytest.raises(ValueError, match="LMHP_DETERMINISTIC='yes' must be 1"):
+        dist.env_info("cpu")
+    assert launch.main(["train_reward", "test", "r", "--save_dir", str(tmp_path), "--run.wandb", "disabled"]) == 2
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setenv("LMHP_DETERMINISTIC", "1")
+    try:
+        train_reward.train(params.get_hparams("train_reward", "test", {"run.save_dir": str(tmp_path / "d")}))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
