@@ -12,6 +12,7 @@ import params
 from lm_human_preferences import train_policy, train_reward
 from lm_human_preferences.runs import load_reward_model
 from lm_human_preferences.utils import ckpt
+from lm_human_preferences.utils.dist import DistInfo
 from lm_human_preferences.utils.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,3 +126,20 @@ def test_chained_reward_training(tmp_path):
     train_policy.train(hp)
     assert (tmp_path / "both" / "reward_model" / "model.safetensors").is_file()
     assert ckpt.latest_checkpoint(tmp_path / "both" / "policy" / "checkpoints") is not None
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_bf16_training_keeps_the_frozen_models_linears_in_bf16(precision):
+    """Under bf16 the reference policy and the reward model keep their block Linears in bf16 (the same outputs under
+    autocast, half the memory); the trained policy keeps float32 weights for the optimizer; fp32 changes nothing."""
+    hp = params.get_hparams("train_policy", "test", {"run.precision": precision, "rewards.train_new_model": "off",
+                                                     "rewards.trained_model": "test"})
+    trainer = train_policy.build_trainer(hp, DistInfo(), "test")
+    frozen = torch.bfloat16 if precision == "bf16" else torch.float32
+    for model in (trainer.ref_policy.model, trainer.score_model.model):
+        assert model.h[0].attn.c_attn.weight.dtype == frozen and model.h[0].mlp.c_proj.weight.dtype == frozen
+        assert model.wte.weight.dtype == torch.float32  # the tied float32 LM head
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+    queries = torch.as_tensor(trainer.sampler.next_batch())
+    data = trainer.rollout(queries)  # the frozen models run (under autocast) without complaint
+    assert torch.isfinite(data["scores"]).all() and torch.isfinite(data["ref_logprobs"]).all()
