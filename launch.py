@@ -185,7 +185,6 @@ def run_training(command: str, argv: Sequence[str]) -> int:
         raise UsageError(str(e)) from e
     except (FloatingPointError, CheckpointSaveError) as e:  # the run failed; its last checkpoint is kept
         raise RunFailed(str(e)) from e
-    dist.cleanup()
     return 0
 
 
@@ -244,6 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         runs.release_run_lock()  # the command is over: another process may use its run directory now
+        dist.cleanup()  # on every exit path: a process group left to interpreter shutdown can abort (SIGABRT)
 
 
 if __name__ == '__main__':
