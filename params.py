@@ -2,8 +2,9 @@
 
 ``TRAIN_REWARD_EXPERIMENTS[name]`` and ``TRAIN_POLICY_EXPERIMENTS[name]`` map a dotted hyperparameter key to
 its value; :func:`get_hparams` applies one on top of the defaults of ``lm_human_preferences.hparams``, then
-the command-line overrides, and validates. Every policy experiment trains the same-named reward model
-first (``rewards.train_new_model.*``); to reuse a trained one instead, pass
+the command-line overrides, and validates. Every experiment but ``test`` keeps the default ``virtual_ranks`` 8,
+the original's 8 MPI ranks, so 1, 2, 4 or 8 GPUs compute what its 8 V100s did. Every policy experiment trains
+the same-named reward model first (``rewards.train_new_model.*``); to reuse a trained one instead, pass
 ``--rewards.trained_model <run dir>/reward_model --rewards.train_new_model off``.
 
 Deviation from the original: cnndm and tldr bind ``ppo.whiten_rewards=False`` where the original bound the
@@ -160,6 +161,7 @@ TRAIN_REWARD_EXPERIMENTS: Dict[str, Binds] = {
         'normalize_before': True,
         'normalize_after': True,
         'normalize_samples': 8,
+        'virtual_ranks': 1,  # one rank, as the original's tests ran (ORIGINAL §12); torchrun needs a multiple
         'run.seed': 0,
         'run.log_interval': 1,
         'run.save_interval': 1,
@@ -215,6 +217,7 @@ TRAIN_POLICY_EXPERIMENTS: Dict[str, Binds] = {
         'rewards.adaptive_kl': 'on',
         'rewards.adaptive_kl.target': 3.0,
         'rewards.adaptive_kl.horizon': 100,
+        'virtual_ranks': 1,  # one rank, as the original's tests ran (ORIGINAL §12); torchrun needs a multiple
         'run.seed': 0,
         'run.log_interval': 1,
         'run.save_interval': 1,
@@ -242,9 +245,15 @@ def get_hparams(command: str, experiment: str, overrides: Mapping[str, str] = No
         names = sorted(experiments, key=lambda n: -difflib.SequenceMatcher(None, experiment, n).ratio())
         raise HParamsError(f"unknown {command} experiment '{experiment}'; valid experiments (closest "
                            f"first): {', '.join(names)}")
+    overrides = dict(overrides or {})
     hparams = hparams_class()
     hparams.override_from_dict(experiments[experiment])
-    hparams.override_from_str_dict(overrides or {})
+    hparams.override_from_str_dict(overrides)
+    chained = getattr(getattr(hparams, 'rewards', None), 'train_new_model', None)
+    if chained is not None and 'virtual_ranks' in overrides and \
+            'rewards.train_new_model.virtual_ranks' not in overrides and 1 <= hparams.virtual_ranks < 2**63:
+        chained.virtual_ranks = hparams.virtual_ranks  # the chained reward training runs in the same processes
+        # (a value validate() refuses is left to it, so that its error names the key that was passed)
     hparams.validate()
     return hparams
 

@@ -144,7 +144,8 @@ def projection(device, smoke: bool, cache: dict) -> dict:
     """The sentiment projection, run once for both checks that report it."""
     if "result" not in cache:
         precision = choose_precision("auto", device).precision
-        args = SimpleNamespace(size="test" if smoke else "124M", seed=0, warmup=0 if smoke else 1, repeats=1)
+        args = SimpleNamespace(size="test" if smoke else "124M", seed=0, warmup=0 if smoke else 1, repeats=1,
+                               virtual_ranks=None)
         cache["result"] = bench.sentiment_projection(device, precision, args, batch=8 if smoke else None,
                                                      micro_batches=(4, 2) if smoke else None)
     return cache["result"]

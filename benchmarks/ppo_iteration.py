@@ -59,7 +59,7 @@ from lm_human_preferences.train_policy import PPOTrainer  # noqa: E402
 from lm_human_preferences.utils import dist  # noqa: E402
 from lm_human_preferences.utils.alloc import keep_freed_memory  # noqa: E402
 from lm_human_preferences.utils.core import entropy_from_logits, logprobs_from_logits  # noqa: E402
-from lm_human_preferences.utils.training import seed_rank  # noqa: E402
+from lm_human_preferences.utils.training import VirtualRanks  # noqa: E402
 from lm_human_preferences.utils.precision import choose_precision, cpu_has_native_bf16  # noqa: E402
 
 GB = 1e9
@@ -104,8 +104,9 @@ class Setting:
         return self.query_length + self.response_length
 
 
-def sentiment_setting(size: str, batch: int | None) -> Setting:
-    """The sentiment experiment's task and PPO settings on a model of `size`; batch None = ppo.batch_size."""
+def sentiment_setting(size: str, batch: int | None, virtual_ranks: int | None = None) -> Setting:
+    """The sentiment experiment's task and PPO settings on a model of `size`; batch None = ppo.batch_size, hosted
+    as `virtual_ranks` virtual ranks in one process (None = the experiment's, 8)."""
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown --size {size!r}; use one of {', '.join(MODEL_SIZES)}")
     hp = experiments.get_hparams("train_policy", "sentiment")
@@ -118,6 +119,9 @@ def sentiment_setting(size: str, batch: int | None) -> Setting:
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     hp.ppo.batch_size = batch
+    hp.virtual_ranks = hp.virtual_ranks if virtual_ranks is None else virtual_ranks
+    if hp.virtual_ranks < 1 or batch % hp.virtual_ranks:
+        raise ValueError(f"--batch {batch} must be a multiple of --virtual-ranks {hp.virtual_ranks}")
     return Setting(config=config, batch=batch, query_length=task.query_length, response_length=task.response_length,
                    temperature=task.policy.temperature, truncate_token=task.truncate_token,
                    truncate_after=task.truncate_after, penalty=task.penalty_reward_value, kl_coef=hp.rewards.kl_coef,
@@ -144,9 +148,9 @@ def build_ours(s: Setting, seed: int, device, precision: str, compiled: bool = F
     ref_policy = runs.make_policy(random_gpt2(s.config, ["value"], seed, device), task, enc, [], [], frozen=True)
     reward_model = RewardModel(random_gpt2(s.config, ["reward"], seed + 1, device),
                                padding_token=enc.padding_token).eval().requires_grad_(False)
-    np_rng, generator = seed_rank(seed, 0, device)
+    vranks = VirtualRanks(hp.virtual_ranks, rank=0, world_size=1, seed=seed, device=device)
     return PPOTrainer(hp, dist.DistInfo(device=device), score_model=reward_model, ref_policy=ref_policy,
-                      policy=policy, sampler=None, enc=enc, precision=precision, np_rng=np_rng, generator=generator)
+                      policy=policy, sampler=None, enc=enc, precision=precision, vranks=vranks)
 
 
 def make_inputs(s: Setting, seed: int, device):
@@ -635,7 +639,7 @@ def sentiment_projection(device, precision, args, batch: int | None = None,
     (sampling, scoring and PPO only; no logging or checkpoints). `batch` and `micro_batches` (rollout, train)
     override the experiment's (tiny shapes for smoke tests). Out of memory is a result: 'error' says at which
     batch and micro-batches, and nothing is timed."""
-    s = sentiment_setting(args.size, batch)
+    s = sentiment_setting(args.size, batch, args.virtual_ranks)
     if micro_batches is not None:
         s.hp.run.rollout_micro_batch, s.hp.run.train_micro_batch = micro_batches
     run = s.hp.run
@@ -670,6 +674,8 @@ def probe_memory(args, precision) -> dict:
     holds the baselines' models, and freed memory the allocator keeps would blur a second measurement)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", precision, "--size", args.size,
            "--batch", str(args.batch), "--device", args.device, "--seed", str(args.seed)]
+    if args.virtual_ranks:
+        cmd += ["--virtual-ranks", str(args.virtual_ranks)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -682,7 +688,7 @@ def memory_probe_main(args):
     """The child of probe_memory: prints {'peaks': {phase: bytes}, 'resettable': bool} as one JSON line."""
     device = dist.resolve_device(args.device)
     mem = PeakMemory(device)
-    s = sentiment_setting(args.size, args.batch)
+    s = sentiment_setting(args.size, args.batch, args.virtual_ranks)
     peaks = run_peaks(OurIteration(s, args.memory_probe, device, args.seed), runs=1, mem=mem)
     print(json.dumps({"peaks": peaks, "resettable": mem.resettable}))
 
@@ -700,6 +706,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="124M", choices=list(MODEL_SIZES), help="model shape (random weights)")
     p.add_argument("--batch", type=int, default=8, help="per-rank batch (queries per iteration)")
+    p.add_argument("--virtual-ranks", type=int, default=None,
+                   help="virtual ranks the batch is split into (whitening groups, sampling streams); default the "
+                        "sentiment experiment's 8")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "both", "fp32", "bf16"],
                    help="auto (default): fp32, plus bf16 where the CPU/GPU runs it natively and faster; both: fp32 "
@@ -734,7 +743,7 @@ def main(argv=None):
     device = dist.resolve_device(args.device)
     load_start = os.getloadavg()
     precisions = benchmark_precisions(args.precision, device)
-    s = sentiment_setting(args.size, args.batch)
+    s = sentiment_setting(args.size, args.batch, args.virtual_ranks)
     n = args.matmul_size or (8192 if device.type == "cuda" else 2048 if args.size == "124M" else 512)
     measured = {p: matmul_rate(device, torch.float32 if p == "fp32" else torch.bfloat16, n) for p in precisions}
     rates = {p: r for p, (r, _) in measured.items()}
@@ -742,7 +751,7 @@ def main(argv=None):
     flops, tokens = phase_flops(s), phase_tokens(s)
 
     results = {}
-    report = dict(size=args.size, batch=s.batch, query_length=s.query_length, response_length=s.response_length,
+    report = dict(size=args.size, batch=s.batch, virtual_ranks=s.hp.virtual_ranks, query_length=s.query_length, response_length=s.response_length,
                   noptepochs=s.ppo_hp.noptepochs, nminibatches=s.ppo_hp.nminibatches, device=device.type,
                   repeats=args.repeats, warmup=args.warmup, matmul_sizes=sizes, matmul_flops_per_s=rates,
                   machine=machine_info(device), memory_reset=True, results=results,

@@ -1,8 +1,11 @@
 """Every hyperparameter struct of the port: names and defaults of the original (ORIGINAL §3.1) plus the
 port's run options. The experiments that fill them in live in the top-level ``params.py``.
 
-Batch sizes are global (summed over ranks), as in the original; :func:`check_world_size` checks that
-they split evenly over the ranks of a run.
+Batch sizes are global (summed over ranks), as in the original. A run is defined on ``virtual_ranks`` ranks
+(the original's MPI ranks, 8 in every experiment of its launcher): each virtual rank reads its share of the
+queries, samples with its own seed, permutes and whitens its own rows, and gradients are averaged over all of
+them, whatever number of processes W runs it (each hosts virtual_ranks / W). :func:`check_world_size` checks that
+W divides virtual_ranks.
 """
 
 import math
@@ -13,6 +16,26 @@ from lm_human_preferences import label_types
 from lm_human_preferences.utils.hyperparams import HParams, HParamsError
 
 MIN_WHITEN_ROWS = 8  # the original refuses to whiten rewards over fewer rows than this
+VIRTUAL_RANKS = 8  # the original's launch.py ran every experiment on 8 MPI ranks
+
+
+def _check_virtual_ranks(hp, prefix: str, batch_names) -> None:
+    """virtual_ranks >= 1 and every global batch of `batch_names` split evenly over the virtual ranks."""
+    hp._require_at_least(prefix, 'virtual_ranks', 1)
+    for name in batch_names:
+        _check_divisible(f'{prefix}{name}', getattr(hp, name), hp.virtual_ranks, f"'{prefix}virtual_ranks'")
+
+
+def _check_hosts(prefix: str, virtual_ranks: int, world_size: int) -> None:
+    """HParamsError unless `world_size` processes can host `virtual_ranks` (each the same number)."""
+    _check_positive_world_size(world_size)
+    if virtual_ranks % world_size:
+        divisors = [str(d) for d in range(1, virtual_ranks + 1) if virtual_ranks % d == 0]
+        counts = 'one process' if len(divisors) == 1 else f"{', '.join(divisors[:-1])} or {divisors[-1]} processes"
+        raise HParamsError(
+            f"'{prefix}virtual_ranks' ({virtual_ranks}) must be divisible by the number of processes ({world_size}): "
+            f"each process hosts the same number of virtual ranks. Run on {counts}, or pass "
+            f"--{prefix}virtual_ranks <a multiple of {world_size}> (a different run)")
 
 
 @dataclass
@@ -101,6 +124,8 @@ class TrainRewardHParams(HParams):
     task: TaskHParams = field(default_factory=TaskHParams)
     labels: LabelHParams = field(default_factory=LabelHParams)
 
+    # Ranks the run is defined on (ORIGINAL §11: label shares, query shards, seeds), whatever the process count
+    virtual_ranks: int = VIRTUAL_RANKS
     batch_size: int = 40  # labels per optimizer step, summed over ranks
     lr: float = 5e-5  # Adam learning rate, decayed linearly to 0 over the epoch
     rollout_batch_size: int = 64  # queries per sampling batch (normalization), summed over ranks
@@ -112,6 +137,7 @@ class TrainRewardHParams(HParams):
     def _validate(self, prefix: str) -> None:
         for name in ('batch_size', 'rollout_batch_size'):
             self._require_at_least(prefix, name, 1)
+        _check_virtual_ranks(self, prefix, ('batch_size', 'rollout_batch_size'))
         for name in ('lr', 'normalize_samples', 'debug_normalize'):
             self._require_at_least(prefix, name, 0)
         if self.labels.num_train % self.batch_size != 0:
@@ -126,10 +152,8 @@ class TrainRewardHParams(HParams):
         return self.labels.num_train // self.batch_size
 
     def check_world_size(self, world_size: int, *, prefix: str = '') -> None:
-        """Raises HParamsError unless the global batch sizes split evenly over ``world_size`` ranks."""
-        _check_positive_world_size(world_size)
-        for name in ('batch_size', 'rollout_batch_size'):
-            _check_divisible(f'{prefix}{name}', getattr(self, name), world_size)
+        """Raises HParamsError unless ``world_size`` processes can host the virtual ranks."""
+        _check_hosts(prefix, self.virtual_ranks, world_size)
 
 
 @dataclass
@@ -176,13 +200,10 @@ class PpoHParams(HParams):
     cliprange_value: float = 0.2  # value clip around the old value
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
-    whiten_rewards: bool = True  # whiten rewards (mean kept) per minibatch before GAE
-    # Whitening of rewards and advantages is per group of batch_size/(nminibatches*whiten_world_size) rows,
-    # as on that many ranks of the original; None = the real world size (rank-local minibatches).
-    whiten_world_size: Optional[int] = None
+    whiten_rewards: bool = True  # whiten rewards (mean kept) per virtual rank's minibatch before GAE
 
     def _validate(self, prefix: str) -> None:
-        for name in ('total_episodes', 'batch_size', 'nminibatches', 'noptepochs', 'whiten_world_size'):
+        for name in ('total_episodes', 'batch_size', 'nminibatches', 'noptepochs'):
             self._require_at_least(prefix, name, 1)
         for name in ('lr', 'vf_coef'):
             self._require_at_least(prefix, name, 0)
@@ -194,15 +215,6 @@ class PpoHParams(HParams):
                 raise HParamsError(f"'{prefix}{name}' must be in [0, 1], got {getattr(self, name)!r}")
         _check_divisible(f'{prefix}batch_size', self.batch_size, self.nminibatches,
                          f"'{prefix}nminibatches'")
-        groups = self.nminibatches * (self.whiten_world_size or 1)
-        if self.whiten_world_size is not None:
-            _check_divisible(f'{prefix}batch_size', self.batch_size, groups,
-                             f"'{prefix}nminibatches' x '{prefix}whiten_world_size'")
-        if self.whiten_rewards and self.batch_size // groups < MIN_WHITEN_ROWS:
-            raise HParamsError(
-                f"reward whitening needs at least {MIN_WHITEN_ROWS} rows per minibatch, but "
-                f"'{prefix}batch_size' {self.batch_size} / {groups} = {self.batch_size // groups}: raise "
-                f"--{prefix}batch_size or pass --{prefix}whiten_rewards false")
 
     @property
     def nupdates(self) -> int:
@@ -216,33 +228,31 @@ class TrainPolicyHParams(HParams):
     task: TaskHParams = field(default_factory=TaskHParams)
     rewards: RewardHParams = field(default_factory=RewardHParams)
     ppo: PpoHParams = field(default_factory=PpoHParams)
+    # Ranks the run is defined on (ORIGINAL §11: query shards, seeds, PPO permutations, whitening groups), whatever
+    # the number of processes; gradients are averaged over all of them
+    virtual_ranks: int = VIRTUAL_RANKS
 
     # The original's cnndm/tldr experiments bind 'rewards.whiten', which does not exist (ORIGINAL §13.7).
     _aliases: ClassVar[Dict[str, str]] = {'rewards.whiten': 'ppo.whiten_rewards'}
 
-    def check_world_size(self, world_size: int) -> None:
-        """Raises HParamsError unless batches split evenly over ``world_size`` ranks and every whitening
-        group stays on one rank with enough rows."""
-        _check_positive_world_size(world_size)
+    def _validate(self, prefix: str) -> None:
         ppo = self.ppo
-        _check_divisible('ppo.batch_size', ppo.batch_size, world_size, 'the world size')
-        per_rank = ppo.batch_size // world_size
-        _check_divisible('per-rank batch (ppo.batch_size / world size)', per_rank, ppo.nminibatches,
-                         "'ppo.nminibatches'")
-        minibatch = per_rank // ppo.nminibatches
-        whiten_world_size = ppo.whiten_world_size or world_size
-        group = ppo.batch_size // (ppo.nminibatches * whiten_world_size)
-        if group == 0 or minibatch % group != 0:
+        _check_virtual_ranks(self, prefix, ())
+        groups = ppo.nminibatches * self.virtual_ranks
+        _check_divisible(f'{prefix}ppo.batch_size', ppo.batch_size, groups,
+                         f"'{prefix}ppo.nminibatches' x '{prefix}virtual_ranks'")
+        rows = ppo.batch_size // groups
+        if ppo.whiten_rewards and rows < MIN_WHITEN_ROWS:
             raise HParamsError(
-                f"'ppo.whiten_world_size' ({whiten_world_size}) must be a multiple of the world size "
-                f"({world_size}): each whitening group of ppo.batch_size / (ppo.nminibatches x "
-                f"whiten_world_size) rows must lie within one rank's minibatch of {minibatch} rows")
-        if ppo.whiten_rewards and group < MIN_WHITEN_ROWS:
-            raise HParamsError(
-                f"reward whitening needs at least {MIN_WHITEN_ROWS} rows per rank-local minibatch, but "
-                f"ppo.batch_size {ppo.batch_size} / (ppo.nminibatches {ppo.nminibatches} x "
-                f"{whiten_world_size} ranks) = {group}: raise --ppo.batch_size, use fewer ranks, or pass "
-                f"--ppo.whiten_rewards false")
+                f"reward whitening needs at least {MIN_WHITEN_ROWS} rows per virtual rank's minibatch, but "
+                f"ppo.batch_size {ppo.batch_size} / (ppo.nminibatches {ppo.nminibatches} x virtual_ranks "
+                f"{self.virtual_ranks}) = {rows}: raise --{prefix}ppo.batch_size, lower --{prefix}virtual_ranks, "
+                f"or pass --{prefix}ppo.whiten_rewards false")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raises HParamsError unless ``world_size`` processes can host the virtual ranks (of the chained reward
+        training too)."""
+        _check_hosts('', self.virtual_ranks, world_size)
         if self.rewards.train_new_model is not None:
             self.rewards.train_new_model.check_world_size(world_size, prefix='rewards.train_new_model.')
 

@@ -97,9 +97,21 @@ class LabelType(ABC):
         stacked_responses = torch.cat([labels[k] for k in self.response_keys], dim=0)  # (N*B, T)
         return reward_model(stacked_queries, stacked_responses).reshape(self.num_responses, batch).T
 
-    def loss(self, reward_model: RewardFn, labels: Labels) -> Tuple[torch.Tensor, Stats]:
-        """(loss, stats) of a batch of labels under reward_model(queries, responses) -> (B,)."""
-        return self.loss_from_rewards(self.rewards(reward_model, labels), labels)
+    def loss(self, reward_model: RewardFn, labels: Labels, groups: int = 1) -> Tuple[torch.Tensor, Stats]:
+        """(loss, stats) of a batch of labels under reward_model(queries, responses) -> (B,), the responses scored
+        in one call. The B labels may be `groups` equal groups (the shares of virtual ranks, one after the other):
+        then loss and stats are the mean of each group's, as the original's average over ranks."""
+        rewards = self.rewards(reward_model, labels)
+        if groups == 1:
+            return self.loss_from_rewards(rewards, labels)
+        size = rewards.shape[0] // groups
+        if size * groups != rewards.shape[0]:
+            raise ValueError(f"{rewards.shape[0]} labels do not split into {groups} equal groups")
+        parts = [self.loss_from_rewards(rewards[g * size:(g + 1) * size],
+                                        {k: v[g * size:(g + 1) * size] for k, v in labels.items()})
+                 for g in range(groups)]
+        loss = torch.stack([part[0] for part in parts]).mean()
+        return loss, {k: torch.stack([part[1][k] for part in parts]).mean() for k in parts[0][1]}
 
 
 class PickBest(LabelType):

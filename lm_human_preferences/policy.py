@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from lm_human_preferences.language import fused
 from lm_human_preferences.language.model import GPT2
-from lm_human_preferences.language.sample import sample_sequence
+from lm_human_preferences.language.sample import draw_uniforms, sample_sequence
 from lm_human_preferences.lm_tasks import format_queries
 
 
@@ -30,10 +30,14 @@ class Policy(nn.Module):
         return format_queries(queries, self.prefix_tokens, self.suffix_tokens)
 
     @torch.no_grad()
-    def respond(self, queries, length: int, *, generator=None, greedy=False, top_k=0, top_p=1.0):
-        """Samples `length` tokens per query: responses, logprobs (temperature-scaled) and values, each (B, length)."""
+    def respond(self, queries, length: int, *, generator=None, uniforms=None, greedy=False, top_k=0, top_p=1.0):
+        """Samples `length` tokens per query: responses, logprobs (temperature-scaled) and values, each (B, length).
+        Token t of row b is drawn with the number uniforms[b, t] (language/sample.py draw_uniforms), or, without
+        `uniforms`, with numbers drawn from `generator` now."""
+        if uniforms is None and not greedy:
+            uniforms = draw_uniforms(generator, len(queries), length, queries.device)
         out = sample_sequence(self.model, self.context(queries), length, padding_token=self.padding_token,
-                              temperature=self.temperature, top_k=top_k, top_p=top_p, generator=generator,
+                              temperature=self.temperature, top_k=top_k, top_p=top_p, uniforms=uniforms,
                               greedy=greedy)
         return {"responses": out["tokens"], "logprobs": out["logprobs"], "values": out["values"]}
 

@@ -46,7 +46,8 @@ def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: 
 
 
 def whiten_in_groups(x: torch.Tensor, n_groups: int, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Whiten each of n_groups contiguous row-chunks of x separately (emulates the original's per-rank whitening)."""
+    """Whiten each of n_groups contiguous row-chunks of x separately (the original's per-rank whitening: one chunk per
+    virtual rank)."""
     if n_groups == 1:
         return whiten(x, shift_mean=shift_mean, eps=eps)
     rows = exact_div(x.shape[0], n_groups)
@@ -57,6 +58,18 @@ def whiten_in_groups(x: torch.Tensor, n_groups: int, shift_mean: bool = True, ep
     if not shift_mean:
         whitened = whitened + mean
     return whitened.reshape(x.shape)
+
+
+def minibatch_orders(perms: torch.Tensor, nminibatches: int) -> torch.Tensor:
+    """One PPO epoch's row order for G virtual ranks whose rows lie one rank after the other (b each): `perms`
+    (G, b) holds each rank's own permutation of its rows. The result (G*b,) cut into nminibatches contiguous slices
+    gives the epoch's minibatches; slice i holds, rank after rank, each rank's i-th minibatch (b / nminibatches of
+    its own rows), so a rank's whitening group is always its own rows, in every epoch (ORIGINAL §10.2 step 6)."""
+    G, b = perms.shape
+    if b % nminibatches:
+        raise ValueError(f"{b} rows per rank do not split into {nminibatches} minibatches")
+    rows = perms + torch.arange(G, device=perms.device)[:, None] * b
+    return rows.reshape(G, nminibatches, b // nminibatches).transpose(0, 1).reshape(-1)
 
 
 class Advantages(NamedTuple):

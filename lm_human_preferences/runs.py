@@ -8,7 +8,7 @@ A run directory (`<save_dir>/<run name>`, `RunDir`):
 
     train_reward_hparams.json    train_reward_metrics.jsonl    reward_model/{model.safetensors, hparams.json, encoding}
     train_policy_hparams.json    train_policy_metrics.jsonl    policy/{hparams.json, encoding, checkpoints/step-N/{model.safetensors, optimizer.pt, state.json,
-                                                         rng-rank<R>.pt, sampler-rank<R>.json}}
+                                                         sampler.json, rng-vrank<v>.pt}}
     samples.jsonl (written by `sample`)    plots/*.png (written by `plot`)    wandb/ (wandb's own files)
     .lmhp_run (the marker: this project made the directory)    .lmhp_lock (locked by the process using it)
 
@@ -34,6 +34,7 @@ import torch
 from lm_human_preferences.hparams import TrainPolicyHParams
 from lm_human_preferences.language.encodings import ENCODING_NAMES, get_encoding
 from lm_human_preferences.language.model import GPT2
+from lm_human_preferences.language.sample import draw_uniforms
 from lm_human_preferences.language.trained_models import (check_state_dict, check_tensor_values, load_model,
                                                           read_model_config)
 from lm_human_preferences.lm_tasks import penalized_scores, postprocess_responses, responses_valid
@@ -52,18 +53,14 @@ MODEL_FILE = "model.safetensors"  # weights of a model directory (reward_model/,
 CONFIG_FILE = "hparams.json"  # GPT-2 shape of a model directory
 ENCODING_FILE = "encoding"  # 'main' or 'test', as JSON
 # a policy checkpoint policy/checkpoints/step-N/ also holds:
-STATE_FILE = "state.json"  # global_step, KL controller, world size, wandb id
+STATE_FILE = "state.json"  # global_step, KL controller, virtual ranks, wandb id
 OPTIMIZER_FILE = "optimizer.pt"  # Adam moments (torch.save, read back with weights_only=True)
+SAMPLER_FILE = "sampler.json"  # the query stream's position, the same for every virtual rank
 
 
-def rng_file(rank: int) -> str:
-    """Every RNG of one rank, in a checkpoint."""
-    return f"rng-rank{rank}.pt"
-
-
-def sampler_file(rank: int) -> str:
-    """The query sampler's position of one rank, in a checkpoint."""
-    return f"sampler-rank{rank}.json"
+def rng_file(vrank: int) -> str:
+    """The random streams of one virtual rank, in a checkpoint."""
+    return f"rng-vrank{vrank}.pt"
 
 
 @dataclass(frozen=True)
@@ -598,21 +595,24 @@ def reward_model_path(run_dir: RunDir, hp: TrainPolicyHParams) -> Optional[str]:
 # ---- the rollout-scoring path ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def rollout(policy: Policy, queries: torch.Tensor, task, padding_token: int, *, generator: torch.Generator,
-            precision: str, ref_policy: Optional[Policy] = None, score_model: Optional[RewardModel] = None,
+def rollout(policy: Policy, queries: torch.Tensor, task, padding_token: int, *, generator, precision: str, ref_policy: Optional[Policy] = None, score_model: Optional[RewardModel] = None,
             micro_batch: Optional[int] = None) -> dict:
     """respond -> reference logprobs -> postprocess -> reward model -> penalty, in pieces of `micro_batch` queries.
+
+    `generator`: a torch.Generator, or one per equal block of queries (the virtual ranks of this process); the
+    random numbers of every draw come from them before sampling, so the responses do not depend on micro_batch.
 
     Returns, for queries (B, Q): responses, logprobs and values (B, T) from `policy.respond`; ref_logprobs (B, T)
     with a `ref_policy`; postprocessed (B, T) (truncated as the task says); with a `score_model`, raw_scores (B,)
     (float32) and scores (B,) with the task's penalty for responses that break the truncation rule.
     """
     device = queries.device
+    uniforms = draw_uniforms(generator, len(queries), task.response_length, device)
     parts = []
     for sl in chunks(len(queries), micro_batch):
         q = queries[sl]
         with dist.autocast(device, precision):
-            out = policy.respond(q, task.response_length, generator=generator)
+            out = policy.respond(q, task.response_length, uniforms=uniforms[sl])
             part = dict(responses=out["responses"], logprobs=out["logprobs"], values=out["values"])
             if ref_policy is not None:
                 part["ref_logprobs"] = ref_policy(q, out["responses"], with_entropy=False)["logprobs"]

@@ -2,8 +2,9 @@
 
 One update, in the original's order: sample -> reference logprobs -> score (truncate, reward model, penalty) ->
 per-token rewards with the current beta -> noptepochs x nminibatches of PPO -> stats (all-reduced) -> KL controller
-update -> log -> checkpoint. Whitening stays rank-local per minibatch as in the original; `ppo.whiten_world_size`
-emulates the original's 8-rank grouping on fewer GPUs.
+update -> log -> checkpoint. The run is defined on `virtual_ranks` ranks (the original's MPI ranks) whatever the
+number of processes: each virtual rank reads its own queries, samples with its own stream, permutes its own rows
+and whitens its own minibatch; gradients and statistics are averaged over all of them.
 """
 import contextlib
 import errno
@@ -27,20 +28,12 @@ from lm_human_preferences.utils.files import writing
 from lm_human_preferences.utils.logging import Logger, format_stats
 from lm_human_preferences.utils.optim import TFAdam
 from lm_human_preferences.utils.signals import SignalFlag
-from lm_human_preferences.utils.training import (chunks, nonfinite_parameter, nonfinite_statistic, optimizer_step,
-                                                 rng_state, seed_rank, set_rng_state, wrap_ddp)
+from lm_human_preferences.utils.training import (VirtualRanks, nonfinite_parameter, nonfinite_statistic,
+                                                 optimizer_step, pieces, wrap_ddp)
 
 
 class StopRequested(Exception):
     """Raised inside the loop after SIGTERM/SIGINT once a checkpoint is written."""
-
-
-def whiten_groups(hp, world_size: int) -> int:
-    """Groups per rank-local minibatch: the original whitened over batch/(nminibatches*W) rows at W ranks."""
-    w = hp.ppo.whiten_world_size or world_size
-    if w % world_size:
-        raise ValueError(f"ppo.whiten_world_size={w} must be a multiple of the world size {world_size}")
-    return w // world_size
 
 
 def make_kl_controller(rewards_hp):
@@ -50,10 +43,13 @@ def make_kl_controller(rewards_hp):
 
 
 def ppo_minibatch(ddp_policy, optimizer, mb, *, ppo_hp, lr, n_groups, micro_batch, device, precision):
-    """One optimizer step of PPO on a rank-local minibatch `mb` (queries, responses, logprobs, values, rewards).
+    """One optimizer step of PPO on a process's minibatch `mb` (queries, responses, logprobs, values, rewards): the
+    minibatches of its `n_groups` virtual ranks, one after the other, each whitened on its own.
 
     Advantages are computed on the whole minibatch (whitening needs it); the forward/backward may then run in
-    pieces of `micro_batch` rows whose weighted gradients add up to the full minibatch's.
+    pieces of `micro_batch` rows whose weighted gradients add up to the full minibatch's. The loss is the mean over
+    all rows, i.e. the mean of the virtual ranks' losses (their minibatches are equal), as the original's average
+    of rank gradients; the moments of returns and values are each virtual rank's, averaged.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -68,17 +64,18 @@ def ppo_minibatch(ddp_policy, optimizer, mb, *, ppo_hp, lr, n_groups, micro_batc
                                 ppo_hp.cliprange_value, ppo_hp.vf_coef)
 
     n = len(adv.advantages)
-    totals = optimizer_step(optimizer, ddp_policy, n, micro_batch, loss_fn)
-    if len(chunks(n, micro_batch)) > 1:  # population moments of the inputs over the whole minibatch, not averaged
-        values = mb["values"].float()
-        totals["returns/mean"], totals["returns/var"] = adv.returns.mean(), adv.returns.var(unbiased=False)
-        totals["val/mean"], totals["val/var"] = values.mean(), values.var(unbiased=False)
+    totals = optimizer_step(optimizer, ddp_policy, n, micro_batch, loss_fn, groups=n_groups)
+    if len(pieces(n, micro_batch, n_groups)) > 1 or n_groups > 1:  # each virtual rank's moments, not the pieces'
+        returns, values = adv.returns.reshape(n_groups, -1), mb["values"].float().reshape(n_groups, -1)
+        totals["returns/mean"], totals["returns/var"] = returns.mean(1).mean(), returns.var(1, unbiased=False).mean()
+        totals["val/mean"], totals["val/var"] = values.mean(1).mean(), values.var(1, unbiased=False).mean()
     return totals
 
 
 def ppo_train(ddp_policy, optimizer, rollouts, orders, *, ppo_hp, lr, nminibatches, n_groups, micro_batch, device,
               precision):
-    """noptepochs passes (one per permutation in `orders`), each over nminibatches contiguous slices of it."""
+    """noptepochs passes (one row order per pass in `orders`, ppo.minibatch_orders), each over nminibatches
+    contiguous slices of it."""
     stats = []
     for order in orders:
         size = len(order) // nminibatches
@@ -91,13 +88,14 @@ def ppo_train(ddp_policy, optimizer, rollouts, orders, *, ppo_hp, lr, nminibatch
 
 
 class PPOTrainer:
-    """Holds the models, optimizer, sampler and RNG of one rank; `step()` once per update: `rollout` then `update`."""
+    """Holds the models, optimizer, sampler and virtual ranks (their random streams) of one process; `step()` once
+    per update: `rollout` then `update`."""
 
     def __init__(self, hp: TrainPolicyHParams, info, *, score_model, ref_policy, policy, sampler, enc, precision,
-                 np_rng, generator):
+                 vranks: VirtualRanks):
         self.hp, self.info, self.enc, self.precision = hp, info, enc, precision
         self.score_model, self.ref_policy, self.policy, self.sampler = score_model, ref_policy, policy, sampler
-        self.np_rng, self.generator = np_rng, generator
+        self.vranks = vranks
         if precision == "bf16":  # the frozen models only run under autocast: the same outputs in half the memory
             for frozen in (ref_policy.model, score_model.model):
                 store_linears_in(frozen, torch.bfloat16)
@@ -108,18 +106,17 @@ class PPOTrainer:
         self.kl_ctl = make_kl_controller(hp.rewards)
         self.global_step = 0
         self.nupdates = hp.ppo.nupdates
-        self.batch = dist.exact_batch(hp.ppo.batch_size, info.world_size, "ppo.batch_size")
-        self.minibatch = dist.exact_batch(self.batch, hp.ppo.nminibatches, "per-rank ppo batch")
-        self.n_groups = whiten_groups(hp, info.world_size)
+        self.rank_batch = vranks.rows(hp.ppo.batch_size)  # episodes of each virtual rank
+        self.batch = self.rank_batch * len(vranks)  # of this process
         self.last_time = time.time()
         self.start_time = time.time()
 
     def rollout(self, queries):
         """Responses to `queries` with their logprobs, values, reference logprobs and penalized scores
         (runs.rollout; no gradients, in pieces of run.rollout_micro_batch)."""
-        return runs.rollout(self.policy, queries, self.hp.task, self.enc.padding_token, generator=self.generator,
-                            precision=self.precision, ref_policy=self.ref_policy, score_model=self.score_model,
-                            micro_batch=self.hp.run.rollout_micro_batch)
+        return runs.rollout(self.policy, queries, self.hp.task, self.enc.padding_token,
+                            generator=self.vranks.generators, precision=self.precision, ref_policy=self.ref_policy,
+                            score_model=self.score_model, micro_batch=self.hp.run.rollout_micro_batch)
 
     def update(self, queries, data) -> dict:
         """Per-token rewards with the current beta, noptepochs x nminibatches of PPO, statistics (all-reduced and
@@ -131,10 +128,10 @@ class PPOTrainer:
         rollouts = dict(queries=queries, responses=data["responses"], logprobs=data["logprobs"],
                         values=data["values"], rewards=rewards)
         lr = hp.ppo.lr * (1 - self.global_step / self.nupdates)
-        orders = [torch.as_tensor(self.np_rng.permutation(self.batch), device=info.device)
-                  for _ in range(hp.ppo.noptepochs)]
+        orders = [ppo.minibatch_orders(torch.as_tensor(self.vranks.permutations(self.rank_batch), device=info.device),
+                                       hp.ppo.nminibatches) for _ in range(hp.ppo.noptepochs)]
         train_stats = ppo_train(self.ddp_policy, self.optimizer, rollouts, orders, ppo_hp=hp.ppo, lr=lr,
-                                nminibatches=hp.ppo.nminibatches, n_groups=self.n_groups,
+                                nminibatches=hp.ppo.nminibatches, n_groups=len(self.vranks),
                                 micro_batch=hp.run.train_micro_batch, device=info.device, precision=self.precision)
         stats = ppo.step_stats(logprobs=data["logprobs"], ref_logprobs=data["ref_logprobs"],
                                non_score_reward=non_score_reward, scores=data["scores"], kl_coef=kl_coef,
@@ -184,17 +181,20 @@ class PPOTrainer:
         return {"global_step": self.global_step, "kl_ctl": self.kl_ctl.state_dict()}
 
     def save_checkpoint(self, root: Path, wandb_id=None):
-        """Rank 0 writes the whole checkpoint: weights, optimizer, counters, and every rank's RNG state and data
-        position, which it gathers first (so no file depends on another node's disk).
+        """Rank 0 writes the whole checkpoint: weights, optimizer, counters, the query stream's position and the
+        random streams of every virtual rank, which it gathers first (so no file depends on another node's disk,
+        and any number of processes can resume it).
 
         The directory is assembled as step-N.tmp and marked COMPLETE and renamed once every file is there. If a
         write fails (a full disk), every rank raises CheckpointSaveError and the previous checkpoint stays.
         """
-        info, step = self.info, self.global_step
+        info, step, count = self.info, self.global_step, self.vranks.count
         tmp = root / f"step-{step:08d}.tmp"
-        rank_states = dist.gather_object((rng_state(self.np_rng, self.generator), self.sampler.state_dict()))
-        files = [runs.MODEL_FILE, runs.OPTIMIZER_FILE, runs.STATE_FILE,
-                 *(name(rank) for rank in range(info.world_size) for name in (runs.rng_file, runs.sampler_file))]
+        rng_states = {}
+        for states in dist.gather_object(self.vranks.state_dict()) or []:
+            rng_states.update(states)
+        files = [runs.MODEL_FILE, runs.OPTIMIZER_FILE, runs.STATE_FILE, runs.SAMPLER_FILE,
+                 *(runs.rng_file(v) for v in range(count))]
 
         def on_all_ranks(write):
             error = None
@@ -209,13 +209,13 @@ class PPOTrainer:
 
         def write_files():
             ckpt.begin_checkpoint(root, step)
-            for rank, (rng, sampler_state) in enumerate(rank_states):
-                ckpt.atomic_torch_save(tmp / runs.rng_file(rank), rng)
-                ckpt.atomic_write_json(tmp / runs.sampler_file(rank), sampler_state)
+            for v in range(count):
+                ckpt.atomic_torch_save(tmp / runs.rng_file(v), rng_states[v])
+            ckpt.atomic_write_json(tmp / runs.SAMPLER_FILE, self.sampler.state_dict())
             ckpt.atomic_save_tensors(tmp / runs.MODEL_FILE, self.policy.model.state_dict())
             ckpt.atomic_torch_save(tmp / runs.OPTIMIZER_FILE, self.optimizer.state_dict())
-            ckpt.atomic_write_json(tmp / runs.STATE_FILE, dict(self.state(), world_size=info.world_size,
-                                                               wandb_id=wandb_id))
+            ckpt.atomic_write_json(tmp / runs.STATE_FILE, dict(self.state(), virtual_ranks=count,
+                                                               world_size=info.world_size, wandb_id=wandb_id))
             ckpt.commit_checkpoint(tmp, self.hp.run.keep_checkpoints, files)
 
         final = root / f"step-{step:08d}"
@@ -225,17 +225,22 @@ class PPOTrainer:
         return final
 
     def load_checkpoint(self, path: Path):
-        """Restores everything `save_checkpoint` wrote; the world size must match for an exact resume.
+        """Restores everything `save_checkpoint` wrote, on any number of processes that can host the run's virtual
+        ranks (each restores the random streams of its own).
 
         Raises ValueError / FileNotFoundError naming the file for a truncated, foreign or incomplete checkpoint."""
-        info = self.info
         state_file = path / runs.STATE_FILE
         state = _read_json(state_file)
         try:
-            world_size, global_step, kl_state = state["world_size"], state["global_step"], state["kl_ctl"]
+            global_step, kl_state = state["global_step"], state["kl_ctl"]
             kl_value = kl_state["value"]
         except (KeyError, TypeError) as e:
             raise ValueError(f"{state_file} is not a policy checkpoint state ({e!r} missing or bad)") from e
+        if "virtual_ranks" not in state:
+            raise ValueError(f"checkpoint {path} holds per-process random states (written before virtual ranks); "
+                             f"this version cannot continue it exactly. Start a new run (--overwrite or another "
+                             f"name), or resume it with the version that wrote it")
+        virtual_ranks = state["virtual_ranks"]
         step = ckpt.checkpoint_step(path)
         if not _is_int(global_step) or global_step != step:
             raise ValueError(f"{state_file} has global_step {global_step!r}, but it must be {step}, the update of its "
@@ -245,23 +250,24 @@ class PPOTrainer:
             raise ValueError(f"{state_file}: the checkpoint is at update {global_step}, beyond this run's "
                              f"{self.nupdates} updates (ppo.total_episodes / ppo.batch_size); resume with the "
                              f"ppo.total_episodes the run was started with, or a larger one")
-        if not _is_int(world_size) or isinstance(kl_value, bool) or not isinstance(kl_value, (int, float)) \
+        if not _is_int(virtual_ranks) or isinstance(kl_value, bool) or not isinstance(kl_value, (int, float)) \
                 or not math.isfinite(kl_value) or kl_value < 0:
-            raise ValueError(f"{state_file} has world_size {world_size!r} and KL coefficient {kl_value!r}; expected "
-                             f"an integer and a finite number >= 0. The file is damaged: delete {path} and rerun "
-                             f"with --resume to resume from the checkpoint before it")
-        if world_size != info.world_size:
-            raise ValueError(f"checkpoint {path} was written by {world_size} ranks but this run has "
-                             f"{info.world_size}; resume with the same number of processes")
+            raise ValueError(f"{state_file} has virtual_ranks {virtual_ranks!r} and KL coefficient {kl_value!r}; "
+                             f"expected an integer and a finite number >= 0. The file is damaged: delete {path} and "
+                             f"rerun with --resume to resume from the checkpoint before it")
+        if virtual_ranks != self.vranks.count:
+            raise ValueError(f"checkpoint {path} is of a run on virtual_ranks {virtual_ranks} but this run has "
+                             f"virtual_ranks {self.vranks.count}; resume with --virtual_ranks {virtual_ranks} (on any "
+                             f"number of processes dividing it)")
         optimizer_state = ckpt.torch_load_safe(path / runs.OPTIMIZER_FILE)
-        rng = ckpt.torch_load_safe(path / runs.rng_file(info.rank))
-        sampler_state = _read_json(path / runs.sampler_file(info.rank))
+        rng = {v: ckpt.torch_load_safe(path / runs.rng_file(v)) for v in self.vranks.ids}
+        sampler_state = _read_json(path / runs.SAMPLER_FILE)
         runs.load_policy_weights(self.policy.model, path)
         try:
             self.optimizer.load_state_dict(optimizer_state)
             self.kl_ctl.load_state_dict(kl_state)
-            set_rng_state(rng, self.np_rng, self.generator)
-        except (KeyError, TypeError, IndexError, RuntimeError) as e:
+            self.vranks.load_state_dict(rng)
+        except (KeyError, TypeError, IndexError, RuntimeError, ValueError) as e:
             raise ValueError(f"checkpoint {path} does not match this run ({type(e).__name__}: {e}); was it written "
                              f"by another version or configuration?") from e
         self.sampler.load_state_dict(sampler_state)
@@ -319,11 +325,12 @@ def reward_hparams(hp: TrainPolicyHParams, run_dir):
 
 
 def build_trainer(hp: TrainPolicyHParams, info, trained_model) -> PPOTrainer:
-    """Seeds this rank, loads the score model, reference policy, policy and query sampler (InputError on every
+    """Seeds this process's virtual ranks, loads the score model, reference policy, policy and query sampler (InputError on every
     rank if any rank failed), then gives every rank rank 0's weights; writes nothing."""
     with ckpt.validated_inputs(info.device):  # no collective before it: a load may fail on one rank only
         precision = dist.resolve_precision(hp.run.precision, info.device)
-        np_rng, generator = seed_rank(hp.run.seed, info.rank, info.device)
+        vranks = VirtualRanks(hp.virtual_ranks, rank=info.rank, world_size=info.world_size, seed=hp.run.seed,
+                              device=info.device)
         task = hp.task
         enc, prefix, suffix = runs.task_encodings(task)
         score_model = runs.load_reward_model(trained_model, n_vocab=enc.n_vocab, padding_token=enc.padding_token,
@@ -331,12 +338,11 @@ def build_trainer(hp: TrainPolicyHParams, info, trained_model) -> PPOTrainer:
         ref_policy = runs.build_policy(task, enc, prefix, suffix, info.device, frozen=True)
         policy = runs.build_policy(task, enc, prefix, suffix, info.device, frozen=False)
         sampler = QuerySampler(task.query_dataset, "train", enc, task.query_length, task.start_text, task.end_text,
-                               dist.exact_batch(hp.ppo.batch_size, info.world_size, "ppo.batch_size"),
-                               rank=info.rank, world_size=info.world_size)
+                               vranks.rows(hp.ppo.batch_size), ranks=vranks.ids, world_size=vranks.count)
     for module in (score_model, ref_policy, policy):
         dist.broadcast_module(module)
     return PPOTrainer(hp, info, score_model=score_model, ref_policy=ref_policy, policy=policy, sampler=sampler,
-                      enc=enc, precision=precision, np_rng=np_rng, generator=generator)
+                      enc=enc, precision=precision, vranks=vranks)
 
 
 def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):

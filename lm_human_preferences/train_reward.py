@@ -1,9 +1,10 @@
 """Reward-model training (ORIGINAL §9): labels -> normalize_before -> one epoch -> normalize_after -> save.
 
 Runs alone or under torchrun, in the same shape as train_policy: `build_trainer` loads and checks everything,
-`RewardTrainer.step()` is one optimizer step on one batch of labels, `train()` is the run. Every rank samples and
-scores its own share; the normalization sums, the gradients and every logged statistic are reduced over all ranks,
-so gain, bias and all weights stay identical everywhere.
+`RewardTrainer.step()` is one optimizer step on one batch of labels, `train()` is the run. The run is defined on
+`virtual_ranks` ranks whatever the number of processes: every virtual rank samples and scores its own share (its
+query shard and random stream, its stride of each label batch); the normalization sums, the gradients and every
+logged statistic are averaged over all of them, so gain, bias and all weights are identical everywhere.
 """
 import math
 import sys
@@ -17,6 +18,7 @@ from lm_human_preferences import label_types, runs
 from lm_human_preferences.hparams import TrainRewardHParams
 from lm_human_preferences.language import labels as label_files
 from lm_human_preferences.language.datasets import QuerySampler
+from lm_human_preferences.language.sample import draw_uniforms
 from lm_human_preferences.runs import RunDir
 from lm_human_preferences.utils import ckpt, dist
 from lm_human_preferences.utils.core import SampleBuffer
@@ -24,40 +26,47 @@ from lm_human_preferences.utils.files import WriteError, writing
 from lm_human_preferences.utils.logging import Logger, format_stats
 from lm_human_preferences.utils.optim import TFAdam
 from lm_human_preferences.utils.signals import SignalFlag
-from lm_human_preferences.utils.training import (chunks, nonfinite_parameter, nonfinite_statistic, optimizer_step,
-                                                 seed_rank, wrap_ddp)
+from lm_human_preferences.utils.training import (VirtualRanks, chunks, nonfinite_parameter, nonfinite_statistic,
+                                                 optimizer_step, wrap_ddp)
 
 
 class RewardTrainingStopped(KeyboardInterrupt):
     """SIGTERM/SIGINT stopped reward training at a step boundary (rank 0 has said so); nothing of it is kept."""
 
 
-def label_batch_loss(reward_fn, label_type, batch, device):
-    """Loss and stats of one batch of labels (a dict of arrays); the label type scores all responses in one call."""
-    return label_type.loss(reward_fn, {k: torch.as_tensor(np.asarray(v), device=device) for k, v in batch.items()})
+def label_batch_loss(reward_fn, label_type, batch, device, groups=1):
+    """Loss and stats of one batch of labels (a dict of arrays), the mean of its `groups` equal groups' (virtual
+    ranks); the label type scores all responses in one call."""
+    return label_type.loss(reward_fn, {k: torch.as_tensor(np.asarray(v), device=device) for k, v in batch.items()},
+                           groups=groups)
 
 
-def train_step(ddp_model, reward_model, optimizer, label_type, batch, info, precision, micro_batch):
-    """One optimizer step on this rank's share of a label batch, in pieces of `micro_batch` labels; returns this
-    rank's statistics (floats)."""
+def train_step(ddp_model, reward_model, optimizer, label_type, batch, info, precision, micro_batch, groups=1):
+    """One optimizer step on this process's share of a label batch (the shares of its `groups` virtual ranks, one
+    after the other), in pieces of `micro_batch` labels; returns the statistics averaged over its virtual ranks
+    (floats)."""
+    n = len(batch["query"])
+    share = n // groups
+
     def loss_fn(rows):
         with dist.autocast(info.device, precision):
             loss, stats = label_batch_loss(ddp_model, label_type, {k: v[rows] for k, v in batch.items()},
-                                           info.device)
+                                           info.device, groups=max(1, (rows.stop - rows.start) // share))
         return loss, {k: float(v) for k, v in stats.items()}
 
-    return optimizer_step(optimizer, ddp_model, len(batch["query"]), micro_batch, loss_fn)
+    return optimizer_step(optimizer, ddp_model, n, micro_batch, loss_fn, groups=groups)
 
 
 class RewardTrainer:
-    """Holds the reward model, reference policy, labels, optimizer and RNG of one rank; `step()` once per batch."""
+    """Holds the reward model, reference policy, labels, optimizer and virtual ranks (their random streams) of one
+    process; `step()` once per batch."""
 
     def __init__(self, hp: TrainRewardHParams, info, *, reward_model, ref_policy, sampler, label_type, train_labels,
-                 heldout, precision, np_rng, generator):
+                 heldout, precision, vranks: VirtualRanks):
         self.hp, self.info, self.precision = hp, info, precision
         self.reward_model, self.ref_policy, self.sampler = reward_model, ref_policy, sampler
         self.label_type, self.heldout = label_type, heldout
-        self.np_rng, self.generator = np_rng, generator
+        self.vranks = vranks
         # The labels live in a buffer, as in the original; online label collection adds to it between rounds.
         task = hp.task
         self.train_buffer = SampleBuffer(capacity=hp.labels.num_train, schemas=label_type.schemas(
@@ -72,15 +81,17 @@ class RewardTrainer:
     # ---- normalization (§9.2) --------------------------------------------------------------------------------
     @torch.no_grad()
     def reward_stats(self, n_samples: int):
-        """Population mean/std of the reward on ceil(n_samples/rollout_batch_size) batches of reference samples."""
+        """Population mean/std of the reward on ceil(n_samples/rollout_batch_size) batches of reference samples, each
+        virtual rank sampling its share of the queries with its own stream."""
         hp, device = self.hp, self.info.device
         total = torch.zeros(3, dtype=torch.float64, device=device)  # sum r, sum r^2, count
         for _ in range(math.ceil(n_samples / hp.rollout_batch_size)):
             queries = torch.as_tensor(self.sampler.next_batch(), device=device)
+            uniforms = draw_uniforms(self.vranks.generators, len(queries), hp.task.response_length, device)
             for sl in chunks(len(queries), hp.run.rollout_micro_batch):
                 with dist.autocast(device, self.precision):
                     responses = self.ref_policy.respond(queries[sl], hp.task.response_length,
-                                                        generator=self.generator)["responses"]
+                                                        uniforms=uniforms[sl])["responses"]
                     r = self.reward_model(queries[sl], responses).double()
                 total[0] += r.sum()
                 total[1] += (r * r).sum()
@@ -114,18 +125,20 @@ class RewardTrainer:
 
     # ---- training --------------------------------------------------------------------------------------------
     def step(self) -> dict:
-        """One optimizer step on the next batch of labels, this rank's strided share; returns the all-reduced
-        statistics."""
-        hp, info = self.hp, self.info
-        if self.perm is None:
-            self.perm = dist.broadcast_object(self.np_rng.permutation(hp.labels.num_train) if info.is_main else None)
+        """One optimizer step on the next batch of labels, each virtual rank v taking the stride [v::virtual_ranks]
+        of it (ORIGINAL §9.2); returns the statistics averaged over the virtual ranks."""
+        hp, info, vranks = self.hp, self.info, self.vranks
+        if self.perm is None:  # virtual rank 0's draw (rank 0 hosts it), as the original's rank 0
+            self.perm = dist.broadcast_object(vranks.np_rngs[0].permutation(hp.labels.num_train) if info.is_main
+                                              else None)
         start = self.global_step * hp.batch_size
         lr = hp.lr * (1 - start / hp.labels.num_train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.train_buffer.read(self.perm[start:start + hp.batch_size][info.rank::info.world_size])
+        labels = self.perm[start:start + hp.batch_size]
+        batch = self.train_buffer.read(np.concatenate([labels[v::vranks.count] for v in vranks.ids]))
         stats = train_step(self.ddp_model, self.reward_model, self.optimizer, self.label_type, batch, info,
-                           self.precision, hp.run.train_micro_batch)
+                           self.precision, hp.run.train_micro_batch, groups=len(vranks))
         stats = dist.all_reduce_mean_dict(stats, info.device)
         # 'corr' is undefined (NaN) for labels without spread; everything else must stay finite
         bad = nonfinite_statistic(stats, allowed=("corr",))
@@ -168,11 +181,12 @@ class RewardTrainer:
 
 
 def build_trainer(hp: TrainRewardHParams, info) -> RewardTrainer:
-    """Seeds this rank, loads and checks the labels, the reference policy, the reward model and the query sampler
+    """Seeds this process's virtual ranks, loads and checks the labels, the reference policy, the reward model and the query sampler
     (InputError on every rank if any rank failed), then gives every rank rank 0's weights; writes nothing."""
     with ckpt.validated_inputs(info.device):  # no collective before it: a load may fail on one rank only
         precision = dist.resolve_precision(hp.run.precision, info.device)
-        np_rng, generator = seed_rank(hp.run.seed, info.rank, info.device)
+        vranks = VirtualRanks(hp.virtual_ranks, rank=info.rank, world_size=info.world_size, seed=hp.run.seed,
+                              device=info.device)
         task = hp.task
         enc, prefix, suffix = runs.task_encodings(task)
         label_type = label_types.get_label_type(hp.labels.type)
@@ -184,13 +198,12 @@ def build_trainer(hp: TrainRewardHParams, info) -> RewardTrainer:
         if info.is_main and hp.run.save_dir:
             runs.check_space_for_reward_model(RunDir(hp.run.save_dir), reward_model)
         sampler = QuerySampler(task.query_dataset, "train", enc, task.query_length, task.start_text, task.end_text,
-                               dist.exact_batch(hp.rollout_batch_size, info.world_size, "rollout_batch_size"),
-                               rank=info.rank, world_size=info.world_size)
+                               vranks.rows(hp.rollout_batch_size), ranks=vranks.ids, world_size=vranks.count)
     dist.broadcast_module(ref_policy)
     dist.broadcast_module(reward_model)
     return RewardTrainer(hp, info, reward_model=reward_model, ref_policy=ref_policy, sampler=sampler,
                          label_type=label_type, train_labels=train_labels, heldout=heldout, precision=precision,
-                         np_rng=np_rng, generator=generator)
+                         vranks=vranks)
 
 
 def train(hp: TrainRewardHParams, *, resume=False, overwrite=False):

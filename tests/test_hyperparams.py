@@ -16,7 +16,7 @@ import params
 from lm_human_preferences.hparams import (AdaptiveKLParams, TrainPolicyHParams, TrainRewardHParams,
                                           check_world_size)
 from lm_human_preferences.utils.hyperparams import HParams, HParamsError
-from lm_human_preferences.utils.training import seed_rank
+from lm_human_preferences.utils.training import VirtualRanks
 
 
 @dataclass
@@ -249,7 +249,8 @@ def _reward_hparams(**flat):
     hp = TrainRewardHParams()
     hp.override_from_dict({'task.query_length': 4, 'task.query_dataset': 'test', 'task.response_length': 4,
                            'task.policy.initial_model': 'test', 'labels.type': 'best_of_4',
-                           'labels.source': 'test', 'labels.num_train': 16, 'batch_size': 8, **flat})
+                           'labels.source': 'test', 'labels.num_train': 16, 'batch_size': 8, 'virtual_ranks': 1,
+                           **flat})
     return hp
 
 
@@ -257,7 +258,7 @@ def _policy_hparams(**flat):
     hp = TrainPolicyHParams()
     hp.override_from_dict({'task.query_length': 4, 'task.query_dataset': 'test', 'task.response_length': 4,
                            'task.policy.initial_model': 'test', 'rewards.trained_model': 'test',
-                           'ppo.batch_size': 8, **flat})
+                           'ppo.batch_size': 8, 'virtual_ranks': 1, **flat})
     return hp
 
 
@@ -298,32 +299,45 @@ def test_policy_validation():
     assert _policy_hparams(**{'rewards.adaptive_kl.target': 3}).rewards.adaptive_kl == AdaptiveKLParams(3.0)
 
 
-def test_check_world_size():
-    hp = _policy_hparams(**{'ppo.batch_size': 64})
-    check_world_size(hp, 8)
-    with pytest.raises(HParamsError, match=r"'ppo.batch_size' \(64\) must be divisible by the world size \(3\)"):
+def test_virtual_ranks_default_to_the_originals_eight_and_split_every_batch():
+    assert TrainPolicyHParams().virtual_ranks == 8 and TrainRewardHParams().virtual_ranks == 8
+    hp = _policy_hparams(**{'ppo.batch_size': 64, 'virtual_ranks': 8})
+    hp.validate()  # 8 rows per virtual rank: enough to whiten
+    with pytest.raises(HParamsError, match=r"'ppo.batch_size' \(64\) must be divisible by 'ppo.nminibatches' x "
+                                           r"'virtual_ranks' \(128\)"):
+        _policy_hparams(**{'ppo.batch_size': 64, 'virtual_ranks': 8, 'ppo.nminibatches': 16}).validate()
+    with pytest.raises(HParamsError, match=r"at least 8 rows per virtual rank's minibatch, but ppo.batch_size 64 / "
+                                           r"\(ppo.nminibatches 2 x virtual_ranks 8\) = 4"):
+        _policy_hparams(**{'ppo.batch_size': 64, 'virtual_ranks': 8, 'ppo.nminibatches': 2}).validate()
+    _policy_hparams(**{'ppo.batch_size': 64, 'virtual_ranks': 8, 'ppo.nminibatches': 2,
+                       'ppo.whiten_rewards': False}).validate()
+    with pytest.raises(HParamsError, match="'virtual_ranks' must be >= 1"):
+        _policy_hparams(**{'virtual_ranks': 0}).validate()
+    with pytest.raises(HParamsError, match=r"'rollout_batch_size' \(12\) must be divisible by 'virtual_ranks' \(8\)"):
+        _reward_hparams(**{'rollout_batch_size': 12, 'virtual_ranks': 8}).validate()
+    with pytest.raises(HParamsError, match=r"'batch_size' \(8\) must be divisible by 'virtual_ranks' \(3\)"):
+        _reward_hparams(**{'virtual_ranks': 3}).validate()
+
+
+def test_check_world_size_needs_processes_dividing_the_virtual_ranks():
+    hp = _policy_hparams(**{'ppo.batch_size': 64, 'virtual_ranks': 8})
+    for world_size in (1, 2, 4, 8):
+        check_world_size(hp, world_size)
+    with pytest.raises(HParamsError, match=r"'virtual_ranks' \(8\) must be divisible by the number of processes "
+                                           r"\(3\).* Run on 1, 2, 4 or 8 processes, or pass --virtual_ranks"):
         check_world_size(hp, 3)
-    with pytest.raises(HParamsError, match=r'at least 8 rows .* = 4'):
+    with pytest.raises(HParamsError, match=r"'virtual_ranks' \(8\) must be divisible by the number of processes "
+                                           r"\(16\)"):
         check_world_size(hp, 16)
-    hp.ppo.whiten_rewards = False
-    check_world_size(hp, 16)
 
-    # Whitening groups as on 8 ranks of the original, on 1 or 2 ranks here.
-    hp = _policy_hparams(**{'ppo.batch_size': 64, 'ppo.whiten_world_size': 8})
-    hp.validate()
-    check_world_size(hp, 1)
-    check_world_size(hp, 2)
-    with pytest.raises(HParamsError, match='must be a multiple of the world size'):
-        check_world_size(_policy_hparams(**{'ppo.batch_size': 64, 'ppo.whiten_world_size': 2}), 4)
-
-    reward = _reward_hparams(**{'rollout_batch_size': 12})
+    reward = _reward_hparams(**{'virtual_ranks': 4})
     check_world_size(reward, 4)
-    with pytest.raises(HParamsError, match=r"'rollout_batch_size' \(12\) must be divisible by the world size \(8\)"):
-        check_world_size(reward, 8)
     nested = _policy_hparams(**{'rewards.trained_model': None, 'rewards.train_new_model': reward,
-                                'ppo.batch_size': 64})
+                                'ppo.batch_size': 64, 'virtual_ranks': 8})
     nested.validate()
-    with pytest.raises(HParamsError, match=r"'rewards.train_new_model.rollout_batch_size' \(12\)"):
+    check_world_size(nested, 4)
+    with pytest.raises(HParamsError, match=r"'rewards.train_new_model.virtual_ranks' \(4\) must be divisible by the "
+                                           r"number of processes \(8\)"):
         check_world_size(nested, 8)
 
 
@@ -397,8 +411,8 @@ def test_every_int_hyperparameter_must_fit_64_bits(key, value):
 def test_every_64_bit_seed_seeds_every_rank(seed):
     hp = params.get_hparams('train_policy', 'test', {'run.seed': str(seed)})
     for rank in (0, 1, 1000):
-        np_rng, generator = seed_rank(hp.run.seed, rank, torch.device('cpu'))
-        np_rng.permutation(4), torch.randn(1, generator=generator)
+        vranks = VirtualRanks(1001, rank=rank, world_size=1001, seed=hp.run.seed, device=torch.device('cpu'))
+        vranks.permutations(4), torch.randn(1, generator=vranks.generators[0])
 
 
 def test_seed_as_a_float_string_names_the_key():

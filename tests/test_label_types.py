@@ -160,7 +160,8 @@ def test_scalar_compare_loss_and_target_scales():
 
 def test_losses_are_float32_for_bf16_rewards():
     rewards = torch.randn(8, 4).bfloat16()
-    loss, _ = label_types.get_label_type("best_of_4").loss_from_rewards(rewards, {"best": torch.zeros(8, dtype=torch.long)})
+    best = torch.zeros(8, dtype=torch.long)
+    loss, _ = label_types.get_label_type("best_of_4").loss_from_rewards(rewards, {"best": best})
     assert loss.dtype == torch.float32
 
 
@@ -174,12 +175,17 @@ def _fake_reward_model(calls):
     return reward_model
 
 
-@pytest.mark.parametrize("name", ["best_of_4", "scalar_rating", "scalar_compare"])
-def test_loss_scores_all_responses_in_one_call(name):
+def _recorded_labels(name):
+    """The 16 recorded labels of a label type (tests/reference/reward_model.npz)."""
     rm = np.load(REF / "reward_model.npz")
     source = {"best_of_4": "labels", "scalar_rating": "rating_labels", "scalar_compare": "compare_labels"}[name]
     prefix = f"in/{source}/"
-    labels = {k[len(prefix):]: torch.tensor(rm[k]) for k in rm.files if k.startswith(prefix)}
+    return {k[len(prefix):]: torch.tensor(rm[k]) for k in rm.files if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("name", ["best_of_4", "scalar_rating", "scalar_compare"])
+def test_loss_scores_all_responses_in_one_call(name):
+    labels = _recorded_labels(name)
     lt = label_types.get_label_type(name)
     assert set(labels) == set(lt.schemas(query_length=5, response_length=6))
     calls = []
@@ -189,6 +195,36 @@ def test_loss_scores_all_responses_in_one_call(name):
     want, want_stats = lt.loss_from_rewards(separate, labels)
     torch.testing.assert_close(loss, want)
     assert stats.keys() == want_stats.keys()
+
+
+@pytest.mark.parametrize("name", ["best_of_4", "scalar_rating"])
+def test_loss_in_groups_is_the_mean_of_each_groups_loss(name):
+    """Labels of two virtual ranks, one after the other: loss and stats are the mean of each rank's (the original's
+    average over ranks), from one reward model call."""
+    labels = _recorded_labels(name)
+    lt = label_types.get_label_type(name)
+    calls = []
+    loss, stats = lt.loss(_fake_reward_model(calls), labels, groups=2)
+    assert calls == [((16 * lt.num_responses, 5), (16 * lt.num_responses, 6))]
+    halves = [lt.loss(_fake_reward_model([]), {k: v[rows] for k, v in labels.items()})
+              for rows in (slice(0, 8), slice(8, 16))]
+    torch.testing.assert_close(loss, (halves[0][0] + halves[1][0]) / 2)
+    assert stats.keys() == halves[0][1].keys()
+    for key in stats:
+        torch.testing.assert_close(stats[key], (halves[0][1][key] + halves[1][1][key]) / 2, msg=key)
+    whole, whole_stats = lt.loss(_fake_reward_model([]), labels)
+    torch.testing.assert_close(lt.loss(_fake_reward_model([]), labels, groups=1)[0], whole)
+    if name == "scalar_rating":  # the mean of the halves' statistics is not the whole batch's
+        assert not torch.allclose(stats["label_var"], whole_stats["label_var"])
+
+
+def test_loss_refuses_labels_that_do_not_split_into_the_groups():
+    labels = _recorded_labels("best_of_4")
+    lt = label_types.get_label_type("best_of_4")
+    with pytest.raises(ValueError, match="16 labels do not split into 3 equal groups"):
+        lt.loss(_fake_reward_model([]), labels, groups=3)
+    with pytest.raises(ValueError, match="15 labels do not split into 2 equal groups"):
+        lt.loss(_fake_reward_model([]), {k: v[:15] for k, v in labels.items()}, groups=2)
 
 
 def test_accuracy_attributes():

@@ -94,10 +94,19 @@ def test_summarization_experiments(name, prefix, end_text, temperature, kl_coef)
 
 
 def test_summarization_whitening_would_fail_on_8_ranks():
-    """Why the original's cnndm/tldr must not whiten rewards: 32 / 8 ranks = 4 rows < 8."""
-    hp = params.get_hparams('train_policy', 'cnndm', {'ppo.whiten_rewards': 'true'})
+    """Why the original's cnndm/tldr must not whiten rewards: 32 / 8 virtual ranks = 4 rows < 8."""
     with pytest.raises(HParamsError, match='= 4'):
-        check_world_size(hp, 8)
+        params.get_hparams('train_policy', 'cnndm', {'ppo.whiten_rewards': 'true'})
+
+
+@pytest.mark.parametrize('command', ['train_reward', 'train_policy'])
+def test_every_experiment_of_the_original_runs_on_8_virtual_ranks(command):
+    for experiment in params.experiment_names(command):
+        hp = params.get_hparams(command, experiment)
+        nested = [hp, hp.rewards.train_new_model] if command == 'train_policy' else [hp]
+        assert [h.virtual_ranks for h in nested] == [1 if experiment == 'test' else 8] * len(nested), experiment
+        for world_size in ((1,) if experiment == 'test' else (1, 2, 4, 8)):
+            check_world_size(hp, world_size)
 
 
 def test_test_experiment():

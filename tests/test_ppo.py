@@ -145,6 +145,31 @@ def test_compute_advantages_in_groups_equals_per_group_runs():
             torch.testing.assert_close(getattr(got, k)[rows], getattr(want, k))
 
 
+def test_minibatch_orders_hand_case():
+    """2 virtual ranks of 4 rows, 2 minibatches: each minibatch takes 2 rows of rank 0 (rows 0-3) in its permutation's
+    order, then 2 of rank 1 (rows 4-7)."""
+    perms = torch.tensor([[2, 0, 3, 1], [1, 3, 0, 2]])
+    assert ppo.minibatch_orders(perms, 2).tolist() == [2, 0, 5, 7, 3, 1, 4, 6]
+    assert ppo.minibatch_orders(perms[:1], 1).tolist() == [2, 0, 3, 1]  # one rank: its permutation
+
+
+@pytest.mark.parametrize("G, b, nminibatches", [(1, 6, 3), (3, 4, 2), (4, 6, 3), (2, 8, 8), (3, 5, 1)])
+def test_minibatch_orders_give_every_rank_its_own_rows_in_every_minibatch(G, b, nminibatches):
+    rng = np.random.RandomState(G * 100 + b)
+    perms = torch.tensor(np.stack([rng.permutation(b) for _ in range(G)]))
+    order = ppo.minibatch_orders(perms, nminibatches)
+    assert sorted(order.tolist()) == list(range(G * b))  # every row once
+    per_rank = b // nminibatches
+    for i, minibatch in enumerate(order.split(G * per_rank)):
+        for g, chunk in enumerate(minibatch.split(per_rank)):  # chunk g: rank g's i-th minibatch, a whitening group
+            assert chunk.tolist() == (g * b + perms[g, i * per_rank:(i + 1) * per_rank]).tolist()
+
+
+def test_minibatch_orders_refuse_ranks_rows_that_do_not_split():
+    with pytest.raises(ValueError, match="6 rows per rank do not split into 4 minibatches"):
+        ppo.minibatch_orders(torch.arange(6).repeat(2, 1), 4)
+
+
 # ---- the original's recorded values ----
 
 @pytest.mark.parametrize("name", ["loss_base", "loss_perturbed"])

@@ -49,4 +49,5 @@ def summarize_evaluation(results: dict) -> dict:
     return {"num_queries": results["num_queries"], "initial": strip(initial), "initial_reseeded": strip(reseeded),
             "final": strip(final), "score_rise": final["score"] - initial["score"],
             "score_rise_stderr": math.hypot(final["score_stderr"], initial["score_stderr"]),
-            "seed_difference": reseeded["score"] - initial["score"]}
+            "seed_difference": reseeded["score"] - initial["score"],
+            "seed_difference_stderr": math.hypot(reseeded["score_stderr"], initial["score_stderr"])}

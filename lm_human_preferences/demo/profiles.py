@@ -38,6 +38,8 @@ class DemoProfile:
     rm_lr: float = 2e-3
     normalize_samples: int = 256
     rollout_batch_size: int = 128
+    # one process on one CPU: the whole batch is one rank (the original's 8 would whiten over 4 rows)
+    virtual_ranks: int = 1
     # PPO
     ppo_batch_size: int = 32
     ppo_episodes: int = 1920
@@ -150,6 +152,7 @@ def reward_hparams(profile: DemoProfile, paths: DemoPaths, device: str) -> Train
         "normalize_before": True,
         "normalize_after": True,
         "normalize_samples": profile.normalize_samples,
+        "virtual_ranks": profile.virtual_ranks,
         "run.seed": profile.seed,
         "run.log_interval": 1,
         "run.save_dir": str(paths.run.path),
@@ -175,6 +178,7 @@ def policy_hparams(profile: DemoProfile, paths: DemoPaths, device: str) -> Train
         "ppo.batch_size": profile.ppo_batch_size,
         "ppo.lr": profile.ppo_lr,
         "ppo.noptepochs": profile.noptepochs,
+        "virtual_ranks": profile.virtual_ranks,
         "run.seed": profile.seed,
         "run.keep_checkpoints": 1,
         "run.save_dir": str(paths.run.path),
@@ -196,7 +200,8 @@ def stage_config(stage: str, profile: DemoProfile, corpus_dir: Path) -> dict:
                        "seed": corpus.SPLIT_SEED},
             "pretrain": p["pretrain"],
             "labels": {**task, **{k: p[k] for k in ("num_labels", "num_heldout", "rm_epochs", "seed")}},
-            "reward": {k: p[k] for k in ("rm_batch_size", "rm_lr", "normalize_samples", "rollout_batch_size", "seed")},
+            "reward": {k: p[k] for k in ("rm_batch_size", "rm_lr", "normalize_samples", "rollout_batch_size",
+                                         "virtual_ranks", "seed")},
             "policy": {k: p[k] for k in ("ppo_batch_size", "ppo_episodes", "ppo_lr", "noptepochs", "kl_coef",
-                                         "kl_target", "kl_horizon", "seed")},
+                                         "kl_target", "kl_horizon", "virtual_ranks", "seed")},
             "evaluate": {"num_eval": profile.num_eval, "seed": profile.seed}}[stage]

@@ -343,28 +343,33 @@ def _check_positive_int(name: str, value) -> None:
 
 
 class QuerySampler:
-    """Batches of queries [batch_size, query_length] (int64, right-padded) for one rank (ORIGINAL §7.1).
+    """Batches of queries [batch_size, query_length] (int64, right-padded) for the ranks `ranks` of `world_size`
+    (ORIGINAL §7.1).
 
     dataset: 'books' | 'cnndm' | 'tldr' (prepared files in data_dir), 'test' (random strings, no files), or a
     path prefix of prepared files. start_text / end_text: None, or a text that encodes to one token.
     batch_size is per rank. Ranks see disjoint interleavings of one stream: kept query k goes to rank
-    k % world_size.
+    k % world_size (the original's `shard(world_size, rank)`). A batch holds each of `ranks` in turn (batch_size
+    rows each) and consumes exactly batch_size * world_size kept queries, so every sampler of the same stream is at
+    the same position whatever ranks it serves: one position resumes any of them.
     """
 
     def __init__(self, dataset: str, mode: str, encoding, query_length: int, start_text: str | None = None,
-                 end_text: str | None = None, batch_size: int = 1, rank: int = 0, world_size: int = 1,
+                 end_text: str | None = None, batch_size: int = 1, ranks: Sequence[int] = (0,), world_size: int = 1,
                  data_dir: str | os.PathLike | None = None):
         _check_positive_int("query_length", query_length)
         _check_positive_int("batch_size", batch_size)
         _check_positive_int("world_size", world_size)
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
+        ranks = list(ranks)
+        if not ranks or len(set(ranks)) != len(ranks) or any(
+                isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r < world_size for r in ranks):
+            raise ValueError(f"ranks must be distinct integers in [0, world_size={world_size}), got {ranks!r}")
         self.dataset = dataset
         self.mode = mode
         self.encoding = encoding
         self.query_length = int(query_length)
         self.batch_size = int(batch_size)
-        self.rank = int(rank)
+        self.ranks = [int(r) for r in ranks]
         self.world_size = int(world_size)
         self.start_token = None if start_text is None else encoding.encode_single_token(start_text)
         self.end_token = None if end_text is None else encoding.encode_single_token(end_text)
@@ -428,17 +433,18 @@ class QuerySampler:
                              f"prepare it again or use the matching encoding")
 
     def next_batch(self) -> np.ndarray:
-        """The next [batch_size, query_length] int64 batch of this rank's shard."""
-        batch = np.empty((self.batch_size, self.query_length), dtype=np.int64)
-        filled = 0
-        while filled < self.batch_size:
+        """The next [len(ranks) * batch_size, query_length] int64 batch: each rank's next batch_size queries, in
+        the order of `ranks`."""
+        slot = {rank: i for i, rank in enumerate(self.ranks)}
+        batch = np.empty((len(self.ranks), self.batch_size, self.query_length), dtype=np.int64)
+        for row in range(self.batch_size * self.world_size):
             k, query = self._next_kept_query()
-            if k % self.world_size == self.rank:
+            i = slot.get(k % self.world_size)
+            if i is not None:
                 if self._docs is not None:
                     self._check_vocabulary(query)
-                batch[filled] = query
-                filled += 1
-        return batch
+                batch[i, row // self.world_size] = query
+        return batch.reshape(-1, self.query_length)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         while True:
@@ -446,15 +452,15 @@ class QuerySampler:
 
     def state_dict(self) -> dict:
         """The stream position (plain Python values), enough to resume exactly with `load_state_dict`."""
-        state = dict(dataset=self.dataset, mode=self.mode, rank=self.rank, world_size=self.world_size,
-                     position=self.position, kept=self.kept, kept_at_pass_start=self._kept_at_pass_start)
+        state = dict(dataset=self.dataset, mode=self.mode, world_size=self.world_size, position=self.position,
+                     kept=self.kept, kept_at_pass_start=self._kept_at_pass_start)
         if self._test_stream is not None:
             state["rng_state"] = self._test_stream.get_state()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from `state_dict()` of a sampler with the same dataset, mode, rank and world size."""
-        for key in ("dataset", "mode", "rank", "world_size"):
+        """Resume from `state_dict()` of a sampler with the same dataset, mode and world size (any ranks)."""
+        for key in ("dataset", "mode", "world_size"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(f"cannot resume query sampler: saved {key}={state.get(key)!r} but this sampler has "
                                  f"{key}={getattr(self, key)!r}; resume with the same {key} (the stream position "

@@ -1,8 +1,7 @@
-"""What both trainers do the same way: seed a rank, wrap a model in DDP, take one optimizer step over micro-batches,
-and refuse non-finite numbers."""
+"""What both trainers do the same way: host virtual ranks and their random streams, wrap a model in DDP, take one
+optimizer step over micro-batches, and refuse non-finite numbers."""
 import contextlib
 import math
-import random
 from typing import Callable, Optional
 
 import numpy as np
@@ -12,14 +11,57 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from lm_human_preferences.utils import dist
 
 
-def seed_rank(seed: Optional[int], rank: int, device: torch.device):
-    """Seeds Python, NumPy and torch with the original's per-rank seed; returns (NumPy RandomState for permutations,
-    torch Generator for sampling on `device`). seed None: unseeded, the generator drawn from the RandomState."""
-    seed = dist.rank_seed(seed, rank)
-    np_rng = dist.seed_everything(seed)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else int(np_rng.randint(2**31)))
-    return np_rng, generator
+class VirtualRanks:
+    """The virtual ranks one process hosts: a run is defined on `count` ranks (the original's MPI ranks) whatever
+    the number of processes W; process `rank` hosts the contiguous block rank*count/W ... (rank+1)*count/W - 1.
+
+    Each virtual rank v has the original's per-rank random streams, seeded with seed + 100003*v: a NumPy
+    RandomState (PPO permutations, the label permutation of virtual rank 0) and a torch Generator on `device`
+    (sampling). seed None: unseeded, each generator seeded from its RandomState. The process's global RNGs (model
+    initialisation before weights are broadcast from rank 0) get the seed of its first virtual rank.
+    """
+
+    def __init__(self, count: int, *, rank: int, world_size: int, seed: Optional[int], device: torch.device):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"process rank {rank} is not in [0, {world_size})")
+        if count % world_size:
+            raise ValueError(f"virtual_ranks={count} is not divisible by the number of processes {world_size}; "
+                             f"run on a divisor of {count} processes or pass --virtual_ranks <a multiple of "
+                             f"{world_size}>")
+        self.count, self.device = count, device
+        per_process = count // world_size
+        self.ids = list(range(rank * per_process, (rank + 1) * per_process))
+        dist.seed_everything(dist.rank_seed(seed, self.ids[0]))
+        self.np_rngs, self.generators = [], []
+        for v in self.ids:
+            v_seed = dist.rank_seed(seed, v)
+            np_rng = np.random.RandomState(v_seed % 2**32) if v_seed is not None else np.random.RandomState()
+            generator = torch.Generator(device=device)
+            generator.manual_seed(v_seed if v_seed is not None else int(np_rng.randint(2**31)))
+            self.np_rngs.append(np_rng)
+            self.generators.append(generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, total: int) -> int:
+        """Rows of a global batch of `total` that each virtual rank holds (total / count)."""
+        return dist.exact_batch(total, self.count, "the batch")
+
+    def permutations(self, n: int) -> np.ndarray:
+        """(hosted ranks, n): one permutation of range(n) from each hosted virtual rank's NumPy stream."""
+        return np.stack([rng.permutation(n) for rng in self.np_rngs])
+
+    def state_dict(self) -> dict:
+        """{virtual rank: its random streams}, as tensors and plain values (torch.load(weights_only=True))."""
+        return {v: {"numpy": _np_state(rng.get_state()), "generator": gen.get_state()}
+                for v, rng, gen in zip(self.ids, self.np_rngs, self.generators)}
+
+    def load_state_dict(self, states: dict) -> None:
+        """Restores the streams of every hosted virtual rank from `states` ({virtual rank: state_dict entry})."""
+        for v, rng, gen in zip(self.ids, self.np_rngs, self.generators):
+            rng.set_state(_np_state_back(states[v]["numpy"]))
+            gen.set_state(states[v]["generator"])
 
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device):
@@ -35,20 +77,35 @@ def chunks(n: int, size: Optional[int]) -> list:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def pieces(n: int, micro_batch: Optional[int], groups: int = 1) -> list:
+    """Slices covering range(n), n rows made of `groups` equal groups (virtual ranks), in pieces of at most
+    `micro_batch` rows that never split a group across two pieces unless a group alone is larger: whole groups
+    together where micro_batch holds one or more, else pieces inside each group. None = one piece."""
+    if n % groups:
+        raise ValueError(f"{n} rows do not split into {groups} equal groups")
+    if not micro_batch:
+        return [slice(0, n)]
+    size = n // groups
+    if micro_batch >= size:
+        return chunks(n, micro_batch // size * size)
+    return [slice(g * size + p.start, g * size + p.stop) for g in range(groups) for p in chunks(size, micro_batch)]
+
+
 def optimizer_step(optimizer, ddp_model, n: int, micro_batch: Optional[int],
-                   loss_fn: Callable[[slice], tuple]) -> dict:
-    """One optimizer step on n rows, in pieces of `micro_batch` rows (gradient accumulation).
+                   loss_fn: Callable[[slice], tuple], groups: int = 1) -> dict:
+    """One optimizer step on n rows (`groups` equal groups of them), in `pieces` of `micro_batch` rows (gradient
+    accumulation).
 
     `loss_fn(rows)` returns (loss, stats) of the rows `rows` (a slice) under the model `ddp_model`; each piece's loss
     is weighted by its share of the rows, so the gradient is the whole batch's. DDP synchronises gradients on the
     last piece only. Returns the stats averaged over the pieces with the same weights.
     """
     optimizer.zero_grad(set_to_none=True)
-    pieces = chunks(n, micro_batch)
+    parts = pieces(n, micro_batch, groups)
     totals = {}
-    for i, rows in enumerate(pieces):
+    for i, rows in enumerate(parts):
         weight = (rows.stop - rows.start) / n
-        last = i == len(pieces) - 1
+        last = i == len(parts) - 1
         sync = ddp_model.no_sync() if (not last and isinstance(ddp_model, DDP)) else contextlib.nullcontext()
         with sync:
             loss, stats = loss_fn(rows)
@@ -72,39 +129,6 @@ def nonfinite_parameter(module: torch.nn.Module) -> Optional[str]:
     if bool(finite.all()):
         return None
     return named[int((~finite).nonzero()[0])][0]
-
-
-def rng_state(np_rng: np.random.RandomState, generator: torch.Generator) -> dict:
-    """Every RNG of this rank as tensors and plain values (loadable with torch.load(weights_only=True)). On CUDA the
-    default generator of the rank's own GPU (the device of `generator`) only, so the state does not depend on which
-    other GPUs the process sees."""
-    py = random.getstate()
-    out = {"python": [py[0], list(py[1]), py[2]], "numpy": _np_state(np_rng.get_state()),
-           "numpy_global": _np_state(np.random.get_state()),
-           "torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
-    if generator.device.type == "cuda":
-        out["torch_cuda"] = torch.cuda.get_rng_state(generator.device)
-    return out
-
-
-def set_rng_state(state: dict, np_rng: np.random.RandomState, generator: torch.Generator):
-    """Restores every RNG `rng_state` captured. A CUDA state is restored on the rank's own GPU only, and ignored by
-    a run on the CPU; older checkpoints hold one state per visible GPU, of which the one at this GPU's index is used."""
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np_rng.set_state(_np_state_back(state["numpy"]))
-    np.random.set_state(_np_state_back(state["numpy_global"]))
-    torch.set_rng_state(state["torch_cpu"])
-    generator.set_state(state["generator"])
-    cuda_state = state.get("torch_cuda")
-    if generator.device.type != "cuda" or cuda_state is None:
-        return
-    if isinstance(cuda_state, (list, tuple)):  # the old format: torch.cuda.get_rng_state_all() of the saving process
-        index = generator.device.index or 0
-        if index >= len(cuda_state):
-            return  # written with fewer visible GPUs; the default CUDA generator draws nothing the run depends on
-        cuda_state = cuda_state[index]
-    torch.cuda.set_rng_state(cuda_state, generator.device)
 
 
 def _np_state(np_state) -> list:

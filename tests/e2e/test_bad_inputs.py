@@ -159,15 +159,20 @@ CATALOGUE = [
     ("context_too_long", [*REWARD, "--task.response_length", "5"], {},
      ["query_length (4) + suffix (0) + response_length (5) = 9 tokens exceeds the model's n_ctx=8; shorten "
       "task.query_length or task.response_length"]),
-    ("batch_not_divisible_by_world_size", POLICY, {"WORLD_SIZE": "3", "RANK": "0"},
-     ["'ppo.batch_size' (8) must be divisible by the world size (3), e.g. 6 or 9"]),
+    ("virtual_ranks_not_divisible_by_processes", [*POLICY, "--virtual_ranks", "2", "--ppo.batch_size", "16"],
+     {"WORLD_SIZE": "3", "RANK": "0"},
+     ["'virtual_ranks' (2) must be divisible by the number of processes (3): each process hosts the same number of "
+      "virtual ranks. Run on 1 or 2 processes, or pass --virtual_ranks <a multiple of 3> (a different run)"]),
+    ("batch_not_divisible_by_virtual_ranks", [*POLICY, *OWN_REWARD, "test", "--virtual_ranks", "3"], {},
+     ["'ppo.batch_size' (8) must be divisible by 'ppo.nminibatches' x 'virtual_ranks' (3), e.g. 6 or 9"]),
     ("batch_not_divisible_by_minibatches", [*POLICY, "--ppo.nminibatches", "3"], {},
      ["'ppo.batch_size' (8) must be divisible by 'ppo.nminibatches' (3)"]),
     ("whitening_minibatch_below_8", [*POLICY, "--ppo.nminibatches", "2"], {},
-     ["reward whitening needs at least 8 rows per minibatch, but 'ppo.batch_size' 8 / 2 = 4"]),
-    ("per_rank_whitening_minibatch_below_8", POLICY, {"WORLD_SIZE": "2", "RANK": "0"},
-     ["reward whitening needs at least 8 rows per rank-local minibatch, but ppo.batch_size 8 / (ppo.nminibatches 1 "
-      "x 2 ranks) = 4"]),
+     ["reward whitening needs at least 8 rows per virtual rank's minibatch, but ppo.batch_size 8 / (ppo.nminibatches 2 "
+      "x virtual_ranks 1) = 4: raise --ppo.batch_size, lower --virtual_ranks, or pass --ppo.whiten_rewards false"]),
+    ("per_virtual_rank_whitening_minibatch_below_8", [*POLICY, "--virtual_ranks", "2"], {},
+     ["reward whitening needs at least 8 rows per virtual rank's minibatch, but ppo.batch_size 8 / (ppo.nminibatches 1 "
+      "x virtual_ranks 2) = 4"]),
     ("reward_task_differs", [*POLICY, "--task.response_length", "3"], {},
      ["rewards.train_new_model.task must equal task (the reward model is trained on the policy's task)"]),
     ("missing_prepared_dataset", [*POLICY, "--task.query_dataset", "books",
@@ -281,7 +286,7 @@ def finished_run(tmp_path_factory):
 @pytest.mark.parametrize("damage, message", [
     ("truncate_weights", "checkpoint file {latest}/model.safetensors is truncated or corrupt"),
     ("truncate_optimizer", "{latest}/optimizer.pt is truncated or not a checkpoint file of this project"),
-    ("drop_rng", "checkpoint file {latest}/rng-rank0.pt is missing"),
+    ("drop_rng", "checkpoint file {latest}/rng-vrank0.pt is missing"),
     ("corrupt_state", "checkpoint file {latest}/state.json is truncated or corrupt"),
     ("other_size_weights", "checkpoint tensor 'h.0.attn.c_attn.bias' has shape (24,) but the model expects (21,)"),
 ])
@@ -297,7 +302,7 @@ def test_damaged_checkpoint_is_refused_on_resume(finished_run, tmp_path, capsys,
         data = (latest / "optimizer.pt").read_bytes()
         (latest / "optimizer.pt").write_bytes(data[: len(data) // 2])
     elif damage == "drop_rng":
-        (latest / "rng-rank0.pt").unlink()
+        (latest / "rng-vrank0.pt").unlink()
     elif damage == "corrupt_state":
         (latest / "state.json").write_text('{"global_step": 2, "kl')
     else:
@@ -306,6 +311,36 @@ def test_damaged_checkpoint_is_refused_on_resume(finished_run, tmp_path, capsys,
     before = snapshot(run_dir)
     status = launch.main(["train_policy", "test", "run", "--save_dir", str(tmp_path), "--run.wandb", "disabled",
                           "--ppo.total_episodes", "24", "--resume"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert message.format(latest=latest) in err
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("change, extra, message", [
+    ("other_virtual_ranks", ["--virtual_ranks", "2", "--ppo.batch_size", "16", "--ppo.total_episodes", "48"],
+     "checkpoint {latest} is of a run on virtual_ranks 1 but this run has virtual_ranks 2; resume with "
+     "--virtual_ranks 1 (on any number of processes dividing it)"),
+    ("per_process_states", ["--ppo.total_episodes", "24"],
+     "checkpoint {latest} holds per-process random states (written before virtual ranks); this version cannot "
+     "continue it exactly. Start a new run (--overwrite or another name), or resume it with the version that wrote "
+     "it"),
+])
+def test_checkpoint_of_another_run_layout_is_refused_on_resume(finished_run, tmp_path, capsys, change, extra,
+                                                               message):
+    """--resume needs the run's virtual_ranks (any process count dividing it); checkpoints of the per-process layout
+    (rng-rank<R>.pt, sampler-rank<R>.json, world_size in state.json) are refused, not misread."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    latest = ckpt.latest_checkpoint(run_dir / "policy" / "checkpoints")
+    if change == "per_process_states":
+        state = json.loads((latest / "state.json").read_text())
+        del state["virtual_ranks"]
+        (latest / "state.json").write_text(json.dumps(state))
+    before = snapshot(run_dir)
+    status = launch.main(["train_policy", "test", "run", "--save_dir", str(tmp_path), "--run.wandb", "disabled",
+                          *extra, "--resume"])
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("error: ") and "Traceback" not in err
     assert message.format(latest=latest) in err

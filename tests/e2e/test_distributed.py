@@ -1,4 +1,5 @@
-"""Multi-process semantics under torchrun (gloo, CPU): replicas stay bit-identical, and 2 ranks equal 1 process.
+"""Multi-process semantics under torchrun (gloo, CPU): replicas stay bit-identical, and 2 processes equal 1 process
+hosting the same 2 virtual ranks.
 
 Each run goes through the real `train_reward.train` / `train_policy.train`; a small driver script records every
 rank's final weights and KL coefficient so the test can compare ranks.
@@ -67,7 +68,7 @@ def assert_identical(a, b):
         assert torch.equal(a[k], b[k]), f"{k} differs between ranks"
 
 
-REWARD = {"run.save_dir": "None", "run.wandb": "disabled", "run.seed": "3"}
+REWARD = {"run.save_dir": "None", "run.wandb": "disabled", "run.seed": "3", "virtual_ranks": "2"}
 
 
 def random_labels(path, n=32, seed=0):
@@ -81,9 +82,8 @@ def random_labels(path, n=32, seed=0):
 
 
 def test_reward_training_two_ranks_bit_identical_and_equal_to_one_process(tmp_path):
-    # normalization off: then 2 ranks on the same global batches must equal 1 process up to float summation order
-    overrides = dict(REWARD, normalize_before="false", normalize_after="false",
-                     **{"labels.source": random_labels(tmp_path / "labels.json")})
+    # normalization included: each virtual rank samples its share with its own stream, on 1 process or 2
+    overrides = dict(REWARD, **{"labels.source": random_labels(tmp_path / "labels.json")})
     two = run(tmp_path, "train_reward", overrides, 2)
     assert_identical(two[0][0], two[1][0])
     one = run(tmp_path, "train_reward", overrides, 1)
@@ -100,6 +100,7 @@ def test_reward_normalization_is_synchronized(tmp_path):
 
 def test_policy_two_ranks_bit_identical(tmp_path):
     overrides = {"run.save_dir": "None", "run.wandb": "disabled", "run.seed": "5", "rewards.train_new_model": "off",
+                 "virtual_ranks": "2",
                  "rewards.trained_model": "test", "ppo.total_episodes": "32", "ppo.batch_size": "16"}
     two = run(tmp_path, "train_policy", overrides, 2)
     (w0, e0), (w1, e1) = two

@@ -54,7 +54,7 @@ def policy_args(name, save_dir, reward_dir, nproc=1):
     batch = 8 * nproc
     return ["train_policy", "test", name, "--save_dir", str(save_dir), "--rewards.train_new_model", "off",
             "--rewards.trained_model", str(reward_dir), "--ppo.batch_size", str(batch),
-            "--ppo.total_episodes", str(batch * N_UPDATES), "--run.save_interval", "1"]
+            "--ppo.total_episodes", str(batch * N_UPDATES), "--run.save_interval", "1", "--virtual_ranks", str(nproc)]
 
 
 def snapshot(directory):

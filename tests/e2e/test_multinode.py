@@ -60,7 +60,8 @@ def launch_two_nodes(save_dirs, *extra, reward=NO_REWARD_TRAINING):
     with that node's --save_dir; returns [(status, output)] by node once both end (both killed at TIMEOUT)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
-    args = ["train_policy", "test", "run", *reward, "--ppo.batch_size", "16", "--ppo.total_episodes", "32",
+    args = ["train_policy", "test", "run", *reward, "--virtual_ranks", "2", "--ppo.batch_size", "16",
+            "--ppo.total_episodes", "32",
             "--run.save_interval", "1", *extra]
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
@@ -98,9 +99,9 @@ def test_rank0_writes_whole_checkpoint_and_resume_needs_a_shared_filesystem(tmp_
     root = node0 / "run" / "policy" / "checkpoints"
     latest = ckpt.latest_checkpoint(root)
     assert latest is not None and latest.name == "step-00000002"
-    rng = [ckpt.torch_load_safe(latest / f"rng-rank{rank}.pt") for rank in (0, 1)]  # every rank's, by rank 0
-    assert not torch.equal(rng[0]["torch_cpu"], rng[1]["torch_cpu"])  # rank 1's own state, not a copy of rank 0's
-    assert [json.loads((latest / f"sampler-rank{rank}.json").read_text())["rank"] for rank in (0, 1)] == [0, 1]
+    rng = [ckpt.torch_load_safe(latest / f"rng-vrank{v}.pt") for v in (0, 1)]  # every virtual rank's, by rank 0
+    assert not torch.equal(rng[0]["generator"], rng[1]["generator"])  # rank 1's own stream, not a copy of rank 0's
+    assert json.loads((latest / "sampler.json").read_text())["world_size"] == 2
     assert set(load_file(str(latest / "model.safetensors")))
     assert not node1.exists()  # rank 1 wrote nothing on its own disk
     written = snapshot(node0)

@@ -40,7 +40,7 @@ DRIVER = textwrap.dedent("""
     sys.exit(status)
 """)
 
-COMMON = ["--run.wandb", "disabled", "--run.seed", "3"]
+COMMON = ["--run.wandb", "disabled", "--run.seed", "3", "--virtual_ranks", "2"]
 PPO = ["--ppo.batch_size", "16", "--ppo.total_episodes", "32"]  # 8 rows per rank: whitening needs them
 CASES = {
     # reward training: the label file, the dataset, and the free-space check only rank 0 makes

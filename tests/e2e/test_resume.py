@@ -83,12 +83,13 @@ def hook_env(tmp_path, hook=None):
 
 
 def policy_args(name, save_dir, reward_dir, nproc=1):
-    """train_policy on the test experiment: N_UPDATES updates of 8 episodes per rank, a checkpoint after each."""
+    """train_policy on the test experiment: N_UPDATES updates of 8 episodes per rank (one virtual rank per process),
+    a checkpoint after each."""
     batch = 8 * nproc
     return ["train_policy", "test", name, "--save_dir", str(save_dir), "--rewards.train_new_model", "off",
             "--rewards.trained_model", str(reward_dir), "--ppo.batch_size", str(batch),
             "--ppo.total_episodes", str(batch * N_UPDATES), "--run.save_interval", "1",
-            "--run.keep_checkpoints", "10"]
+            "--run.keep_checkpoints", "10", "--virtual_ranks", str(nproc)]
 
 
 def command(args, nproc=1):
@@ -290,8 +291,8 @@ def test_sigterm_then_sigkill_under_torchrun_resume_bit_identical(tmp_path, rewa
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"resumed from {killed}" in result.stdout
     assert_same_run(tmp_path / "run", straight_2ranks)
-    for rank in (0, 1):  # every rank's own RNG state and data position are in the checkpoint
-        assert (killed / f"rng-rank{rank}.pt").is_file() and (killed / f"sampler-rank{rank}.json").is_file()
+    for v in (0, 1):  # every virtual rank's own random streams, and the query stream's position, are in it
+        assert (killed / f"rng-vrank{v}.pt").is_file() and (killed / "sampler.json").is_file()
 
 
 @pytest.mark.parametrize("command", ["train_policy", "train_reward"])
@@ -355,7 +356,7 @@ def test_resume_over_incomplete_checkpoints_stops_and_says_what_to_delete(tmp_pa
 @pytest.mark.parametrize("field, value", [("global_step", -3), ("global_step", "6"), ("global_step", 6.0),
                                           ("global_step", True), ("global_step", None), ("global_step", 5),
                                           ("global_step", 10**30), ("kl_ctl", {"value": float("nan")}),
-                                          ("kl_ctl", {"value": -1.0}), ("world_size", "1")])
+                                          ("kl_ctl", {"value": -1.0}), ("virtual_ranks", "1")])
 def test_resume_refuses_a_bad_checkpoint_state(tmp_path, reward_dir, straight, capsys, field, value):
     run_dir = tmp_path / "run"
     shutil.copytree(straight, run_dir)
@@ -369,9 +370,9 @@ def test_resume_refuses_a_bad_checkpoint_state(tmp_path, reward_dir, straight, c
     if field == "global_step":
         expected = f"{latest / 'state.json'} has global_step {value!r}, but it must be {N_UPDATES}, the update of its"
     elif field == "kl_ctl":
-        expected = f"{latest / 'state.json'} has world_size 1 and KL coefficient {value['value']!r}; expected"
+        expected = f"{latest / 'state.json'} has virtual_ranks 1 and KL coefficient {value['value']!r}; expected"
     else:
-        expected = f"{latest / 'state.json'} has world_size '1' and KL coefficient"
+        expected = f"{latest / 'state.json'} has virtual_ranks '1' and KL coefficient"
     assert err.startswith(f"error: {expected}") and len(err.splitlines()) == 1, err
     assert snapshot(run_dir) == before
     assert [p.name for p in checkpoint_root(run_dir).iterdir() if not ckpt.STEP_RE.match(p.name)] == []

@@ -175,7 +175,8 @@ def test_a_resume_while_the_run_still_trains_is_refused(tmp_path, capsys):
 def test_under_torchrun_every_rank_stops_when_the_run_dir_is_in_use(tmp_path, holder):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run([*torchrun, str(ROOT / "launch.py"), "train_reward", "test", "run", "--save_dir",
-                             str(tmp_path / "save"), "--rollout_batch_size", "8", *QUICK], cwd=ROOT,
+                             str(tmp_path / "save"), "--rollout_batch_size", "8", "--virtual_ranks", "2", *QUICK],
+                            cwd=ROOT,
                             capture_output=True, text=True, timeout=TIMEOUT,
                             env=dict(os.environ, WANDB_MODE="disabled"))
     output = result.stdout + result.stderr

@@ -106,8 +106,8 @@ def test_policy_parameters_change_and_checkpoint_loads(tmp_path, reward_dir, mon
     {"rewards.adaptive_kl": "off"},
     {"ppo.nminibatches": "2", "ppo.batch_size": "16", "ppo.total_episodes": "32", "ppo.whiten_rewards": "false"},
     {"run.train_micro_batch": "3", "run.rollout_micro_batch": "5"},
-    {"ppo.whiten_world_size": "1"},
-], ids=["truncation", "affixing", "fixed_kl", "minibatches", "micro_batches", "whiten_world_size"])
+    {"virtual_ranks": "2", "ppo.batch_size": "16", "ppo.total_episodes": "32"},
+], ids=["truncation", "affixing", "fixed_kl", "minibatches", "micro_batches", "virtual_ranks"])
 def test_policy_variants(tmp_path, reward_dir, overrides):
     train_policy.train(policy_hp(tmp_path, reward_dir, **overrides))
     rows = read_metrics(tmp_path / "pol" / "train_policy_metrics.jsonl")

@@ -145,25 +145,79 @@ def test_file_with_ids_outside_the_encoding_is_rejected(tmp_path):
 
 # --- sharding (§7.1 step 7, §11) ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
+def _sharding_dataset(tmp_path):
+    """21 kept queries and two documents without the start token."""
+    return prepare(tmp_path, [f"{a}.{a}{b}." for a in "abcdefg" for b in "xyz"] + ["skipme", "alsono"])
+
+
+def _rows(sampler, n_batches):
+    """The next n_batches batches' rows, as lists of token ids."""
+    return [row.tolist() for _ in range(n_batches) for row in sampler.next_batch()]
+
+
+def _per_rank(sampler, n_batches):
+    """The next n_batches batches split by rank: {rank: its rows in order} (a batch holds the ranks one after the
+    other, batch_size rows each)."""
+    out = {rank: [] for rank in sampler.ranks}
+    for _ in range(n_batches):
+        batch = sampler.next_batch()
+        assert batch.shape == (len(sampler.ranks) * sampler.batch_size, sampler.query_length)
+        for i, rank in enumerate(sampler.ranks):
+            out[rank] += [row.tolist() for row in batch[i * sampler.batch_size:(i + 1) * sampler.batch_size]]
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_ranks_get_disjoint_complete_interleavings_of_the_single_rank_stream(tmp_path, world_size):
-    texts = [f"{a}.{a}{b}." for a in "abcdefg" for b in "xyz"] + ["skipme", "alsono"]
-    dataset = prepare(tmp_path, texts)
+    dataset = _sharding_dataset(tmp_path)
     batch_size, n_batches = 4, 5
     total = n_batches * batch_size * world_size
     single = QuerySampler(dataset, "train", ENC, 3, ".", ".", batch_size=total)
     reference = [row.tolist() for row in single.next_batch()]
     for rank in range(world_size):
-        sampler = QuerySampler(dataset, "train", ENC, 3, ".", ".", batch_size=batch_size, rank=rank,
+        sampler = QuerySampler(dataset, "train", ENC, 3, ".", ".", batch_size=batch_size, ranks=[rank],
                                world_size=world_size)
-        rows = [row.tolist() for _ in range(n_batches) for row in sampler.next_batch()]
-        assert rows == reference[rank::world_size]  # kept query k goes to rank k % W
+        assert _rows(sampler, n_batches) == reference[rank::world_size]  # kept query k goes to rank k % W
 
 
-def test_rank_must_be_below_world_size(tmp_path):
+@pytest.mark.parametrize("ranks", [[1, 3], [0, 1, 2, 3], [2], [3, 0]])
+def test_a_sampler_serving_several_ranks_gives_each_the_rows_of_its_own_sampler(tmp_path, ranks):
+    """Serving virtual ranks [1, 3] of 4 (say) in one process gives each rank exactly the rows a sampler of that rank
+    alone gives, batch after batch, and leaves the sampler in the same state as every single-rank sampler."""
+    dataset = _sharding_dataset(tmp_path)
+    kwargs = dict(batch_size=3, world_size=4)
+    several = QuerySampler(dataset, "train", ENC, 3, ".", ".", ranks=ranks, **kwargs)
+    singles = {rank: QuerySampler(dataset, "train", ENC, 3, ".", ".", ranks=[rank], **kwargs) for rank in range(4)}
+    for _ in range(4):  # 4 batches of 12 kept queries: more than two passes over the 21
+        got = _per_rank(several, 1)
+        want = {rank: _rows(sampler, 1) for rank, sampler in singles.items()}
+        assert got == {rank: want[rank] for rank in ranks}
+        assert all(sampler.state_dict() == several.state_dict() for sampler in singles.values())
+
+
+@pytest.mark.parametrize("resumed_ranks", [[2], [0, 1, 2, 3]])
+def test_state_of_some_ranks_resumes_a_sampler_of_other_ranks(tmp_path, resumed_ranks):
+    """A state saved by the process hosting ranks [0, 1] of 4 resumes one hosting [2] or all four (the run resumed
+    on another number of processes): each rank's next rows are those its uninterrupted sampler gives."""
+    dataset = _sharding_dataset(tmp_path)
+    kwargs = dict(batch_size=2, world_size=4)
+    saver = QuerySampler(dataset, "train", ENC, 3, ".", ".", ranks=[0, 1], **kwargs)
+    uninterrupted = QuerySampler(dataset, "train", ENC, 3, ".", ".", ranks=resumed_ranks, **kwargs)
+    for _ in range(5):  # 40 kept queries: past the end of the first pass
+        saver.next_batch()
+        uninterrupted.next_batch()
+    state = json.loads(json.dumps(saver.state_dict()))
+    assert "rank" not in state and "ranks" not in state
+    resumed = QuerySampler(dataset, "train", ENC, 3, ".", ".", ranks=resumed_ranks, **kwargs)
+    resumed.load_state_dict(state)
+    assert _per_rank(resumed, 3) == _per_rank(uninterrupted, 3)
+
+
+@pytest.mark.parametrize("ranks", [[2], [0, 2], [-1], [], [0, 0], [True], [0.0]])
+def test_ranks_must_be_distinct_integers_below_world_size(tmp_path, ranks):
     dataset = prepare(tmp_path, ["a.b."])
-    with pytest.raises(ValueError, match="rank must be an integer in"):
-        QuerySampler(dataset, "train", ENC, 3, None, None, batch_size=1, rank=2, world_size=2)
+    with pytest.raises(ValueError, match=r"ranks must be distinct integers in \[0, world_size=2\)"):
+        QuerySampler(dataset, "train", ENC, 3, None, None, batch_size=1, ranks=ranks, world_size=2)
 
 
 # --- resume ---------------------------------------------------------------------------------------------------
@@ -174,7 +228,7 @@ def test_state_dict_resume_gives_the_same_next_batch(tmp_path, use_test_dataset)
         dataset = "test"
     else:
         dataset = prepare(tmp_path, [f"{c}.{c}{d}." for c in "abcdef" for d in "xy"] + ["none"])
-    kwargs = dict(batch_size=3, rank=1, world_size=2)
+    kwargs = dict(batch_size=3, ranks=[1], world_size=2)
     original = QuerySampler(dataset, "train", ENC, 3, ".", ".", **kwargs)
     for _ in range(7):  # more than one pass over the 13 documents
         original.next_batch()
