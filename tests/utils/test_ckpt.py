@@ -45,11 +45,11 @@ def test_checkpoint_to_resume_refuses_incomplete_checkpoints_it_would_pass_over(
 def test_commit_checkpoint_needs_every_file_and_marks_each_checkpoint_uniquely(tmp_path):
     tmp = ckpt.begin_checkpoint(tmp_path, 1)
     (tmp / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(OSError, match=r"rng-rank1.pt missing from .*step-00000001.tmp"):
-        ckpt.commit_checkpoint(tmp, keep=3, files=["model.safetensors", "rng-rank1.pt"])
+    with pytest.raises(OSError, match=r"rng-vrank1.pt missing from .*step-00000001.tmp"):
+        ckpt.commit_checkpoint(tmp, keep=3, files=["model.safetensors", "rng-vrank1.pt"])
     assert not (tmp / "COMPLETE").exists() and ckpt.latest_checkpoint(tmp_path) is None
-    (tmp / "rng-rank1.pt").write_bytes(b"x")
-    first = ckpt.commit_checkpoint(tmp, keep=3, files=["model.safetensors", "rng-rank1.pt"])
+    (tmp / "rng-vrank1.pt").write_bytes(b"x")
+    first = ckpt.commit_checkpoint(tmp, keep=3, files=["model.safetensors", "rng-vrank1.pt"])
     second = ckpt.commit_checkpoint(ckpt.begin_checkpoint(tmp_path, 2), keep=3)
     assert (first / "COMPLETE").read_bytes() != (second / "COMPLETE").read_bytes()  # what other ranks compare
     for bad in (-3, True, 2.0):
