@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup setup-demo corpus demo test bench gpu-check clean-venv
+.PHONY: setup setup-demo corpus test-packages demo test bench gpu-check clean-venv
 
 $(VENV)/.base: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,12 +37,28 @@ corpus:
 	  fi; \
 	fi
 
+# Debian packages the tests use, installed in one apt-get call when missing (as root): the demo's corpus (fortunes)
+# and the labeling app's browser test (chromium, chromium-driver; without them tests/labeling/test_browser.py skips).
+test-packages:
+	@missing=""; \
+	[ -d /usr/share/games/fortunes ] || missing="$$missing fortunes"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "note: the tests want Debian's$$missing: run 'sudo apt-get install$$missing'"; \
+	  fi; \
+	fi
+
 # The main job: an offline RLHF experiment end to end on the CPU (see README "Quick start").
 demo: setup-demo corpus
 	$(PY) launch.py demo
 
 # The test suite (offline, CPU).
-test: setup corpus
+test: setup test-packages corpus
 	$(PY) -m pytest -q --durations=15 tests
 
 bench: setup

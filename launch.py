@@ -9,6 +9,12 @@
                             [--score|--no-score] [--out PATH]
     python launch.py demo [demo arguments ...]
     python launch.py plot <run_dir> [--out DIR]
+    python launch.py label {collect,add-labeler,admin-token,serve,status,export} ...   (see: launch.py label --help)
+    python launch.py export {policy,reward} <run_dir> --out DIR [--overwrite]
+
+``label`` collects comparisons from a policy into a labeling store, serves the labeling web app to people and
+exports their labels as a label file for ``train_reward`` (lm_human_preferences/labeling/cli.py). ``export`` writes
+a run's policy or reward model as a Hugging Face ``transformers`` directory (lm_human_preferences/export.py).
 
 Experiments are defined in params.py. Every other ``--dotted.key value`` (or ``--dotted.key=value``) of a
 training command overrides one hyperparameter, e.g. ``--ppo.lr 1e-5 --rewards.adaptive_kl off``; the run
@@ -31,7 +37,8 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import params
-from lm_human_preferences import demo, runs, sample, train_policy, train_reward
+from lm_human_preferences import demo, export, runs, sample, train_policy, train_reward
+from lm_human_preferences.labeling import cli as label_cli
 from lm_human_preferences.utils import dist, plotting
 from lm_human_preferences.utils.alloc import keep_freed_memory
 from lm_human_preferences.utils.ckpt import CheckpointSaveError, InputError
@@ -110,13 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score responses with the run's reward model (default: on)")
     p.add_argument('--out', default=None, help='also write the samples to this JSON file')
 
+    commands.add_parser('export', add_help=False, help="a run's policy or reward model as a Hugging Face "
+                        'transformers directory (see: launch.py export --help)')
     commands.add_parser('demo', add_help=False, help='the end-to-end demo; arguments go to the demo '
                         '(see: launch.py demo --help)')
 
     p = commands.add_parser('plot', help='plot the logged metrics of a run')
     p.add_argument('run_dir', help='directory of a train_reward or train_policy run')
     p.add_argument('--out', default=None, help='output directory for the figures (default: <run_dir>/plots)')
+
+    label_cli.add_parser(commands)
     return parser
+
+
+def reward_experiment(experiment: str):
+    """The train_reward hyperparameters of an experiment (its task and label type), for the `label` commands."""
+    return params.get_hparams('train_reward', experiment)
 
 
 def split_overrides(args: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
@@ -218,7 +234,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_training(argv[0], argv[1:])
         if argv and argv[0] == 'demo':
             return demo.main(argv[1:]) or 0
+        if argv and argv[0] == 'export':
+            return export.main(argv[1:])
         args = build_parser().parse_args(argv)
+        if args.command == 'label':
+            return label_cli.run(args, reward_experiment)
         run_dir = _existing_dir(args.run_dir)
         if args.command == 'sample':
             sample.main(run_dir=run_dir, temperature=args.temperature, nsamples=args.nsamples,

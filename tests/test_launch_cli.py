@@ -75,9 +75,22 @@ def test_missing_run_dir_for_sample_and_plot(tmp_path):
 def test_help_and_missing_command(tmp_path):
     result = _launch('--help', cwd=tmp_path)
     assert result.returncode == 0
-    for command in ('train_reward', 'train_policy', 'sample', 'demo', 'plot'):
+    for command in ('train_reward', 'train_policy', 'sample', 'demo', 'plot', 'label'):
         assert command in result.stdout
     assert _launch(cwd=tmp_path).returncode == 2
+
+
+def test_label_help_and_a_bad_label_command(tmp_path):
+    result = _launch('label', '--help', cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ('collect', 'add-labeler', 'admin-token', 'serve', 'status', 'export'):
+        assert command in result.stdout
+    result = _launch('label', 'collect', 'test', '--store', 'labels.db', '--num', '0', cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (2, '')
+    assert result.stderr == 'error: --num must be a positive integer, got 0\n'
+    result = _launch('label', 'status', '--store', 'labels.db', cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith('error: labeling store labels.db does not exist')
+    assert os.listdir(tmp_path) == []
 
 
 # ---- dispatch to the commands (in-process, with stand-ins for the command modules) -------------------------

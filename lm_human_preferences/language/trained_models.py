@@ -82,6 +82,14 @@ def hf_to_state_dict(hf_sd: dict, n_layer: int) -> dict:
     return out
 
 
+def state_dict_to_hf(sd: dict, prefix: str = "transformer.") -> dict:
+    """Our GPT-2 state dict (scalar heads excluded) in Hugging Face names, Conv1D weights [nx, nf]; the inverse of
+    `hf_to_state_dict`, so export and `--from-hf` import round-trip exactly."""
+    conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    return {prefix + name: (t.t() if name.endswith(conv) else t).contiguous()
+            for name, t in sd.items() if not name.startswith("heads.")}
+
+
 def _check_no_extra_layers(layer_matches, n_layer: int, kind: str):
     """CheckpointError if a checkpoint holds a block beyond `n_layer` (its config would silently drop it)."""
     layers = {int(m.group(1)) for m in layer_matches if m is not None}
