@@ -223,6 +223,39 @@ class PpoHParams(HParams):
 
 
 @dataclass
+class OnlineHParams(HParams):
+    """Online label collection during PPO (the paper's method for summarization, ORIGINAL §14.1): at `rounds` updates
+    evenly spaced over the run, comparisons are sampled from the current policy into a labeling store, labeled, and
+    the reward model is retrained from the initial model on all labels so far (rewards.train_new_model's settings,
+    its labels.source being the initial labels), then PPO continues against it."""
+    rounds: int = 20  # reward-model retrainings over the run (the paper: 20 over 2M episodes)
+    comparisons: int = 256  # comparisons sampled from the current policy per round
+    # who answers: 'people' (the labeling app: launch.py label serve --store <store>), 'vader' (the demo's mock
+    # sentiment labeler) or 'reward_model:<reward model dir>' (a trained reward model as the true reward)
+    labeler: str = 'people'
+    store: Optional[str] = None  # the labeling store; None = <run dir>/labels.db
+    instructions: str = ''  # the labelers' instructions: sentiment, descriptiveness, cnndm, tldr; '' = by dataset
+    quota: float = 1.0  # fraction of a round's comparisons answered before PPO continues
+    timeout: float = 0.0  # seconds to wait for the quota (0 = no limit); then PPO continues with the answers so far
+    poll_seconds: float = 5.0  # how often the store is read while waiting for people
+    overlap: float = 0.0  # fraction of a round's comparisons asked of two labelers (agreement)
+
+    def _validate(self, prefix: str) -> None:
+        self._require_at_least(prefix, 'rounds', 1)
+        self._require_at_least(prefix, 'comparisons', 1)
+        for name, low, high in (('quota', 0.0, 1.0), ('overlap', 0.0, 1.0)):
+            value = getattr(self, name)
+            if not low <= value <= high or (name == 'quota' and value == 0):
+                raise HParamsError(f"'{prefix}{name}' must be in {'(0' if name == 'quota' else '[0'}, 1], got {value!r}")
+        self._require_at_least(prefix, 'timeout', 0)
+        if not self.poll_seconds > 0:
+            raise HParamsError(f"'{prefix}poll_seconds' must be > 0, got {self.poll_seconds!r}")
+        if not (self.labeler in ('people', 'vader') or self.labeler.startswith('reward_model:')):
+            raise HParamsError(f"'{prefix}labeler' = {self.labeler!r}: use people, vader or reward_model:<reward "
+                               f"model directory>")
+
+
+@dataclass
 class TrainPolicyHParams(HParams):
     run: RunHParams = field(default_factory=RunHParams)
     task: TaskHParams = field(default_factory=TaskHParams)
@@ -231,6 +264,7 @@ class TrainPolicyHParams(HParams):
     # Ranks the run is defined on (ORIGINAL §11: query shards, seeds, PPO permutations, whitening groups), whatever
     # the number of processes; gradients are averaged over all of them
     virtual_ranks: int = VIRTUAL_RANKS
+    online: Optional[OnlineHParams] = None  # 'on' = collect labels during PPO and retrain the reward model
 
     # The original's cnndm/tldr experiments bind 'rewards.whiten', which does not exist (ORIGINAL §13.7).
     _aliases: ClassVar[Dict[str, str]] = {'rewards.whiten': 'ppo.whiten_rewards'}
@@ -241,6 +275,8 @@ class TrainPolicyHParams(HParams):
         groups = ppo.nminibatches * self.virtual_ranks
         _check_divisible(f'{prefix}ppo.batch_size', ppo.batch_size, groups,
                          f"'{prefix}ppo.nminibatches' x '{prefix}virtual_ranks'")
+        if self.online is not None:
+            self._validate_online(prefix)
         rows = ppo.batch_size // groups
         if ppo.whiten_rewards and rows < MIN_WHITEN_ROWS:
             raise HParamsError(
@@ -248,6 +284,22 @@ class TrainPolicyHParams(HParams):
                 f"ppo.batch_size {ppo.batch_size} / (ppo.nminibatches {ppo.nminibatches} x virtual_ranks "
                 f"{self.virtual_ranks}) = {rows}: raise --{prefix}ppo.batch_size, lower --{prefix}virtual_ranks, "
                 f"or pass --{prefix}ppo.whiten_rewards false")
+
+    def _validate_online(self, prefix: str) -> None:
+        """Online rounds retrain the reward model with rewards.train_new_model's settings, on best_of_N labels, at
+        distinct updates after the first."""
+        if self.rewards.train_new_model is None:
+            raise HParamsError(f"'{prefix}online' retrains the reward model with '{prefix}rewards.train_new_model''s "
+                               f"settings: pass --{prefix}rewards.train_new_model on (its labels.source holds the "
+                               f"initial labels)")
+        label_type = label_types.get_label_type(self.rewards.train_new_model.labels.type)
+        if not isinstance(label_type, label_types.PickBest):
+            raise HParamsError(f"'{prefix}online' collects best_of_N labels, but the reward model trains on "
+                               f"{label_type.name}: use a best_of_N label type")
+        if self.online.rounds + 1 > self.ppo.nupdates:
+            raise HParamsError(f"'{prefix}online.rounds' ({self.online.rounds}) needs at least {self.online.rounds + 1} "
+                               f"PPO updates, the run has {self.ppo.nupdates}: lower the rounds or raise "
+                               f"ppo.total_episodes")
 
     def check_world_size(self, world_size: int) -> None:
         """Raises HParamsError unless ``world_size`` processes can host the virtual ranks (of the chained reward

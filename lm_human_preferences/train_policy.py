@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lm_human_preferences import online as online_rounds
 from lm_human_preferences import ppo, runs, train_reward
 from lm_human_preferences.hparams import TrainPolicyHParams
 from lm_human_preferences.language.datasets import QuerySampler
@@ -418,12 +419,26 @@ def run(trainer: PPOTrainer, *, resumed_from=None, state=None, resume=False, sig
                     config=hp.to_nested_dict(), wandb_setting=hp.run.wandb, wandb_project=hp.run.wandb_project,
                     run_name=run_dir.path.name if run_dir else None, wandb_id=wandb_id)
     ckpt_root = run_dir.checkpoints if run_dir else None
+    online = online_rounds.OnlineRounds(hp, run_dir, info) if hp.online is not None else None
+    if online is not None:  # a resumed run trains against the reward model of the last round before it
+        latest_rm = online.reward_model_at(trainer.global_step)
+        if latest_rm is not None:
+            trainer.score_model = online.load_reward_model(latest_rm, trainer)
     bar = tqdm(total=trainer.nupdates, initial=trainer.global_step, desc="train_policy", disable=not info.is_main,
                dynamic_ncols=True)
     saved_at = trainer.global_step if latest is not None else None
     try:
         with contextlib.nullcontext(signals) if signals is not None else SignalFlag() as signals:
             while trainer.global_step < trainer.nupdates:
+                k = online.due(trainer.global_step) if online is not None else None
+                if k is not None:  # a checkpoint first: a stop or a kill during the round resumes at it
+                    if ckpt_root is not None and saved_at != trainer.global_step:
+                        trainer.save_checkpoint(ckpt_root, logger.wandb_id)
+                        saved_at = trainer.global_step
+                    try:
+                        online.run_round(trainer, k, signals, logger)
+                    except online_rounds.OnlineStop:
+                        raise StopRequested()
                 stats, data = trainer.step()
                 logger.log(stats, trainer.global_step)
                 if info.is_main and trainer.global_step % hp.run.log_interval == 0:

@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Collection, Iterator, Optional, Sequence
 
 SCHEMA_VERSION = 1
 LEASE_SECONDS = 600.0  # an assignment not answered within this is given to the next labeler who asks
@@ -245,18 +245,28 @@ class LabelStore:
                                           (hash_token(token),)).fetchone()
         return Labeler(row["id"], row["name"]) if row else None
 
+    def labeler_by_name(self, name: str) -> Optional[Labeler]:
+        """The labeler called `name`, or None (for programmatic labelers, which need no token)."""
+        row = self._connection().execute("SELECT id, name FROM labelers WHERE name = ?", (name,)).fetchone()
+        return Labeler(row["id"], row["name"]) if row else None
+
     # ---- assignment -------------------------------------------------------------------------------------------
     def next_assignment(self, labeler: Labeler, *, lease_seconds: float = LEASE_SECONDS,
-                        rng: Optional[random.Random] = None) -> Optional[Assignment]:
+                        rng: Optional[random.Random] = None,
+                        uids: Optional[Collection[str]] = None) -> Optional[Assignment]:
         """The labeler's current lease if it has one, else a new lease on the first comparison that still needs a
         labeler and that this labeler has not seen; None when nothing is left for it. Expired leases are freed
-        first."""
+        first. With `uids`, only comparisons with those uids count (for the lease too: a lease on another
+        comparison is left as it is)."""
         rng = rng or random.SystemRandom()
         now = self._clock()
+        only, only_args = ("", ()) if uids is None else \
+            (" AND c.uid IN (SELECT value FROM json_each(?))", (json.dumps(sorted(set(uids))),))
         with self._write() as db:
             db.execute("UPDATE assignments SET state = 'expired' WHERE state = 'leased' AND expires_at <= ?", (now,))
-            row = db.execute("SELECT id FROM assignments WHERE labeler_id = ? AND state = 'leased' "
-                             "ORDER BY id LIMIT 1", (labeler.id,)).fetchone()
+            row = db.execute("SELECT a.id FROM assignments a JOIN comparisons c ON c.id = a.comparison_id "
+                             "WHERE a.labeler_id = ? AND a.state = 'leased'" + only + " ORDER BY a.id LIMIT 1",
+                             (labeler.id, *only_args)).fetchone()
             if row is not None:
                 return self._assignment(db, row["id"])
             row = db.execute(
@@ -264,8 +274,8 @@ class LabelStore:
                 "(SELECT COUNT(*) FROM assignments a WHERE a.comparison_id = c.id "
                 " AND a.state IN ('leased', 'answered')) < c.copies "
                 "AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.comparison_id = c.id AND a.labeler_id = ? "
-                " AND a.state IN ('answered', 'skipped')) "
-                "ORDER BY c.id LIMIT 1", (labeler.id,)).fetchone()
+                " AND a.state IN ('answered', 'skipped'))" + only + " "
+                "ORDER BY c.id LIMIT 1", (labeler.id, *only_args)).fetchone()
             if row is None:
                 return None
             n = db.execute("SELECT COUNT(*) FROM responses WHERE comparison_id = ?", (row["id"],)).fetchone()[0]
@@ -332,6 +342,18 @@ class LabelStore:
             return self._assignment(db, row["id"])
 
     # ---- reading ----------------------------------------------------------------------------------------------
+    def comparison(self, uid: str) -> dict:
+        """One comparison by uid: query_tokens, query_text and responses, a list of (tokens, text) by sample index
+        (what a programmatic labeler reads besides its assignment's texts). StoreError for an unknown uid."""
+        db = self._connection()
+        c = db.execute("SELECT id, query_tokens, query_text FROM comparisons WHERE uid = ?", (uid,)).fetchone()
+        if c is None:
+            raise StoreError(f"no comparison {uid!r} in {self.path}")
+        responses = [(json.loads(r["tokens"]), r["text"]) for r in db.execute(
+            "SELECT tokens, text FROM responses WHERE comparison_id = ? ORDER BY idx", (c["id"],))]
+        return {"uid": uid, "query_tokens": json.loads(c["query_tokens"]), "query_text": c["query_text"],
+                "responses": responses}
+
     def progress(self, labeler: Optional[Labeler] = None) -> dict:
         """Answers needed and given over the store, and (with a labeler) its own count and answers per hour."""
         db = self._connection()
