@@ -81,7 +81,8 @@ def test_rounds_collect_label_retrain_and_ppo_continues(straight):
 
 HOOK = '''
 import os
-if os.environ.get("LMHP_ONLINE_KILL"):
+_where = os.environ.get("LMHP_ONLINE_KILL")
+if _where == "retraining":
     from lm_human_preferences import train_reward as _tr
     _run = _tr.run
     def _killing_run(trainer, signals=None):
@@ -89,19 +90,36 @@ if os.environ.get("LMHP_ONLINE_KILL"):
             os._exit(17)  # as if killed while round 2 retrains its reward model
         return _run(trainer, signals)
     _tr.run = _killing_run
+elif _where == "answering":
+    from lm_human_preferences.labeling import store as _store
+    _answer = _store.LabelStore.answer
+    _count = [0]
+    def _killing_answer(self, labeler, assignment_id, position):
+        _count[0] += 1
+        if _count[0] == 8 + 3:  # round 2's third answer: killed between its lease and its commit
+            os._exit(17)
+        return _answer(self, labeler, assignment_id, position)
+    _store.LabelStore.answer = _killing_answer
 '''
 
 
-def test_kill_during_retraining_then_resume_ends_as_the_uninterrupted_run(tmp_path, true_reward, straight):
+@pytest.mark.parametrize("where", ["answering", "retraining"])
+def test_kill_during_a_round_then_resume_ends_as_the_uninterrupted_run(tmp_path, true_reward, straight, where):
+    """SIGKILL-like exits (os._exit, no clean-up) in round 2, while the labeler answers or while the reward model
+    retrains; --resume then ends with the same weights, reward models and statistics as the run done in one go."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(HOOK)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hooks), str(ROOT)]), WANDB_MODE="disabled",
-               LMHP_ONLINE_KILL="1")
+               LMHP_ONLINE_KILL=where)
     command = [sys.executable, str(ROOT / "launch.py"), *args(tmp_path, true_reward)]
     killed = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert killed.returncode == 17, killed.stdout[-2000:] + killed.stderr[-2000:]
     assert not (tmp_path / "run" / "online" / "round-002" / "reward_model").exists()
+    if where == "answering":
+        store = LabelStore(tmp_path / "run" / "labels.db")
+        assert store.progress()["answered"] == 8 + 2  # round 1's and the two of round 2's before the kill
+        store.close()
     env.pop("LMHP_ONLINE_KILL")
     resumed = subprocess.run([*command, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
