@@ -239,14 +239,19 @@ class OnlineHParams(HParams):
     timeout: float = 0.0  # seconds to wait for the quota (0 = no limit); then PPO continues with the answers so far
     poll_seconds: float = 5.0  # how often the store is read while waiting for people
     overlap: float = 0.0  # fraction of a round's comparisons asked of two labelers (agreement)
+    # times each store answer is written into a retraining's label file (train_reward reads its labels once, so this
+    # is its epochs over them; the demo's label files repeat their training comparisons the same way)
+    epochs: int = 1
 
     def _validate(self, prefix: str) -> None:
         self._require_at_least(prefix, 'rounds', 1)
         self._require_at_least(prefix, 'comparisons', 1)
+        self._require_at_least(prefix, 'epochs', 1)
         for name, low, high in (('quota', 0.0, 1.0), ('overlap', 0.0, 1.0)):
             value = getattr(self, name)
             if not low <= value <= high or (name == 'quota' and value == 0):
-                raise HParamsError(f"'{prefix}{name}' must be in {'(0' if name == 'quota' else '[0'}, 1], got {value!r}")
+                bounds = '(0, 1]' if name == 'quota' else '[0, 1]'
+                raise HParamsError(f"'{prefix}{name}' must be in {bounds}, got {value!r}")
         self._require_at_least(prefix, 'timeout', 0)
         if not self.poll_seconds > 0:
             raise HParamsError(f"'{prefix}poll_seconds' must be > 0, got {self.poll_seconds!r}")
@@ -297,9 +302,9 @@ class TrainPolicyHParams(HParams):
             raise HParamsError(f"'{prefix}online' collects best_of_N labels, but the reward model trains on "
                                f"{label_type.name}: use a best_of_N label type")
         if self.online.rounds + 1 > self.ppo.nupdates:
-            raise HParamsError(f"'{prefix}online.rounds' ({self.online.rounds}) needs at least {self.online.rounds + 1} "
-                               f"PPO updates, the run has {self.ppo.nupdates}: lower the rounds or raise "
-                               f"ppo.total_episodes")
+            raise HParamsError(f"'{prefix}online.rounds' ({self.online.rounds}) needs at least "
+                               f"{self.online.rounds + 1} PPO updates, the run has {self.ppo.nupdates}: lower the "
+                               f"rounds or raise ppo.total_episodes")
 
     def check_world_size(self, world_size: int) -> None:
         """Raises HParamsError unless ``world_size`` processes can host the virtual ranks (of the chained reward

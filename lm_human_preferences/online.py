@@ -208,7 +208,7 @@ class OnlineRounds:
     def _all_records(self) -> list:
         store = LabelStore(self.store_path)
         try:
-            return self._initial_records() + export_records(store)[0]
+            return self._initial_records() + export_records(store)[0] * self.online.epochs  # online.epochs passes
         finally:
             store.close()
 

@@ -181,8 +181,9 @@ class RewardTrainer:
 
 
 def build_trainer(hp: TrainRewardHParams, info) -> RewardTrainer:
-    """Seeds this process's virtual ranks, loads and checks the labels, the reference policy, the reward model and the query sampler
-    (InputError on every rank if any rank failed), then gives every rank rank 0's weights; writes nothing."""
+    """Seeds this process's virtual ranks, loads and checks the labels, the reference policy, the reward model and the
+    query sampler (InputError on every rank if any rank failed), then gives every rank rank 0's weights; writes
+    nothing."""
     with ckpt.validated_inputs(info.device):  # no collective before it: a load may fail on one rank only
         precision = dist.resolve_precision(hp.run.precision, info.device)
         vranks = VirtualRanks(hp.virtual_ranks, rank=info.rank, world_size=info.world_size, seed=hp.run.seed,

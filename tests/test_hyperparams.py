@@ -426,3 +426,24 @@ def test_truncate_after_must_leave_room_for_the_truncate_token():
     with pytest.raises(HParamsError, match=r"'task.truncate_after' \(4\) must be < 'task.response_length' \(4\): "
                                            r"the truncate token never counts"):
         _reward_hparams(**{'task.truncate_token': 3, 'task.truncate_after': 4}).validate()
+
+
+def test_online_needs_the_reward_training_settings_and_room_for_its_rounds():
+    hp = _policy_hparams(**{'online': 'on', 'online.rounds': 1, 'ppo.total_episodes': 16})
+    with pytest.raises(HParamsError, match=r"'online' retrains the reward model with 'rewards.train_new_model''s "
+                                           r"settings: pass --rewards.train_new_model on"):
+        hp.validate()
+    chained = _policy_hparams(**{'rewards.trained_model': None, 'rewards.train_new_model': _reward_hparams(),
+                                 'online': 'on', 'online.rounds': 2, 'ppo.total_episodes': 16})
+    with pytest.raises(HParamsError, match=r"'online.rounds' \(2\) needs at least 3 PPO updates, the run has 2"):
+        chained.validate()
+    chained.online.rounds = 1
+    chained.validate()
+    for key, value, message in [('quota', 0.0, r"'online.quota' must be in \(0, 1\]"),
+                                ('overlap', 1.5, r"'online.overlap' must be in \[0, 1\]"),
+                                ('labeler', 'robot', r"'online.labeler' = 'robot': use people, vader or "
+                                                     r"reward_model:<reward model directory>")]:
+        bad = _policy_hparams(**{'rewards.trained_model': None, 'rewards.train_new_model': _reward_hparams(),
+                                 'online': 'on', 'online.rounds': 1, 'ppo.total_episodes': 16, f'online.{key}': value})
+        with pytest.raises(HParamsError, match=message):
+            bad.validate()
