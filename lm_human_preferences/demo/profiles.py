@@ -50,11 +50,48 @@ class DemoProfile:
     kl_horizon: int = 625  # episodes; batch/horizon = 0.0512 per update, as the original's 512/10000
     # evaluation
     num_eval: int = 512
+    # online variant (`launch.py demo --online`; 0 rounds = the offline demo): the same training label budget
+    # (num_labels - num_heldout comparisons, each trained on rm_epochs times) and the same PPO episodes, but only
+    # online_initial of the comparisons come from the initial policy; the rest come in online_rounds equal rounds
+    # sampled from the current policy during PPO (online.*), each retraining the reward model from the initial model
+    # on all labels so far. No held-out comparisons are collected: every round's new comparisons measure the old
+    # reward model first (online/accuracy_before).
+    online_rounds: int = 0
+    online_initial: float = 0.5
+
+    @property
+    def online(self) -> bool:
+        return self.online_rounds > 0
+
+    @property
+    def train_comparisons(self) -> int:
+        """The training label budget in comparisons (the same offline and online)."""
+        return self.num_labels - self.num_heldout
+
+    @property
+    def initial_comparisons(self) -> int:
+        """Training comparisons labeled from the initial policy before PPO (all of them offline)."""
+        return int(round(self.train_comparisons * self.online_initial)) if self.online else self.train_comparisons
+
+    @property
+    def round_comparisons(self) -> int:
+        """Comparisons sampled and labeled per online round (0 offline)."""
+        if not self.online:
+            return 0
+        rest = self.train_comparisons - self.initial_comparisons
+        if rest <= 0 or rest % self.online_rounds:
+            raise ValueError(f"{rest} online comparisons do not split into {self.online_rounds} equal rounds")
+        return rest // self.online_rounds
+
+    @property
+    def heldout_comparisons(self) -> int:
+        """Held-out comparisons in the label file (none online)."""
+        return 0 if self.online else self.num_heldout
 
     @property
     def num_train(self) -> int:
-        """Label records train_reward trains on: every training comparison rm_epochs times."""
-        return (self.num_labels - self.num_heldout) * self.rm_epochs
+        """Label records train_reward trains on: every initial training comparison rm_epochs times."""
+        return self.initial_comparisons * self.rm_epochs
 
 
 # The reward model generalizes from few comparisons only on top of a reasonably trained trunk: on the same labels a
@@ -76,9 +113,16 @@ PROFILES = {
 
 @dataclass
 class DemoPaths:
-    """Where each stage writes: work = <cache_dir>/<profile>, out = plots and summary.json."""
+    """Where each stage writes: work = <cache_dir>/<profile>, out = plots and summary.json; the RLHF stages
+    (labels, reward, policy, evaluate) and their markers go to `rlhf` (default: work itself; the online variant uses
+    work/online, so offline and online results do not overwrite each other)."""
     work: Path
     out: Path
+    rlhf: Optional[Path] = None
+
+    @property
+    def rlhf_dir(self) -> Path:
+        return self.work if self.rlhf is None else Path(self.rlhf)
 
     @property
     def corpus(self) -> Path:
@@ -94,16 +138,22 @@ class DemoPaths:
 
     @property
     def labels(self) -> Path:
-        return self.work / "labels" / "best_of_4.json"
+        return self.rlhf_dir / "labels" / "best_of_4.json"
 
     @property
     def run(self) -> RunDir:
         """The run directory train_reward and train_policy share."""
-        return RunDir(self.work / "run")
+        return RunDir(self.rlhf_dir / "run")
 
     @property
     def evaluation(self) -> Path:
-        return self.work / "eval" / "evaluation.json"
+        return self.rlhf_dir / "eval" / "evaluation.json"
+
+    def final_reward_model(self, profile: DemoProfile) -> Path:
+        """The reward model PPO ends against: the run's, or the last online round's."""
+        if profile.online:
+            return self.run.path / "online" / f"round-{profile.online_rounds:03d}" / "reward_model"
+        return self.run.reward_model
 
     def stage_outputs(self, stage: str) -> list[Path]:
         """The files and directories `stage` writes (hashed when it finishes, removed when it reruns)."""
@@ -113,7 +163,8 @@ class DemoPaths:
                              self.pretrained / "pretrain.json"],
                 "labels": [self.labels],
                 "reward": [run.reward_model, run.reward_metrics, run.reward_hparams],
-                "policy": [run.policy, run.policy_metrics, run.policy_hparams],
+                "policy": [run.policy, run.policy_metrics, run.policy_hparams]
+                + [p for p in (run.path / "online", run.path / "labels.db") if p.exists()],
                 "evaluate": [self.evaluation]}[stage]
 
 
@@ -165,11 +216,24 @@ def reward_hparams(profile: DemoProfile, paths: DemoPaths, device: str) -> Train
 
 
 def policy_hparams(profile: DemoProfile, paths: DemoPaths, device: str) -> TrainPolicyHParams:
-    """train_policy settings: the original's sentiment experiment (adaptive KL), scaled to the demo."""
+    """train_policy settings: the original's sentiment experiment (adaptive KL), scaled to the demo.
+
+    Online (profile.online_rounds > 0): rewards.train_new_model = the reward stage's settings (the initial label
+    file; its trained reward model in the shared run directory is reused) and online rounds labeled by VADER, each
+    answer written online.epochs = rm_epochs times into the retraining's label file as the label stage does."""
     hp = TrainPolicyHParams()
+    if profile.online:
+        rm = reward_hparams(profile, paths, device).to_nested_dict()
+        rewards = {"rewards.train_new_model": "on",
+                   **{f"rewards.train_new_model.{k}": v for k, v in _flatten(rm).items()},
+                   "online": "on", "online.labeler": "vader", "online.rounds": profile.online_rounds,
+                   "online.comparisons": profile.round_comparisons, "online.epochs": profile.rm_epochs,
+                   "online.instructions": "sentiment"}
+    else:
+        rewards = {"rewards.trained_model": str(paths.run.reward_model)}
     hp.override_from_dict({
         **{f"task.{k}": v for k, v in task_binds(profile, paths).items()},
-        "rewards.trained_model": str(paths.run.reward_model),
+        **rewards,
         "rewards.kl_coef": profile.kl_coef,
         "rewards.adaptive_kl": "on",
         "rewards.adaptive_kl.target": profile.kl_target,
@@ -192,16 +256,31 @@ def policy_hparams(profile: DemoProfile, paths: DemoPaths, device: str) -> Train
     return hp
 
 
+def _flatten(nested: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out = {}
+    for k, v in nested.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def stage_config(stage: str, profile: DemoProfile, corpus_dir: Path) -> dict:
     """The settings a stage's cached result depends on (a change reruns it and every later stage)."""
     p = asdict(profile)
     task = {k: p[k] for k in ("query_length", "response_length", "truncate_after", "temperature")}
-    return {"corpus": {"corpus_dir": str(Path(corpus_dir).resolve()), "fractions": corpus.SPLIT_FRACTIONS,
-                       "seed": corpus.SPLIT_SEED},
-            "pretrain": p["pretrain"],
-            "labels": {**task, **{k: p[k] for k in ("num_labels", "num_heldout", "rm_epochs", "seed")}},
-            "reward": {k: p[k] for k in ("rm_batch_size", "rm_lr", "normalize_samples", "rollout_batch_size",
-                                         "virtual_ranks", "seed")},
-            "policy": {k: p[k] for k in ("ppo_batch_size", "ppo_episodes", "ppo_lr", "noptepochs", "kl_coef",
-                                         "kl_target", "kl_horizon", "virtual_ranks", "seed")},
-            "evaluate": {"num_eval": profile.num_eval, "seed": profile.seed}}[stage]
+    config = {"corpus": {"corpus_dir": str(Path(corpus_dir).resolve()), "fractions": corpus.SPLIT_FRACTIONS,
+                         "seed": corpus.SPLIT_SEED},
+              "pretrain": p["pretrain"],
+              "labels": {**task, **{k: p[k] for k in ("num_labels", "num_heldout", "rm_epochs", "seed")}},
+              "reward": {k: p[k] for k in ("rm_batch_size", "rm_lr", "normalize_samples", "rollout_batch_size",
+                                           "virtual_ranks", "seed")},
+              "policy": {k: p[k] for k in ("ppo_batch_size", "ppo_episodes", "ppo_lr", "noptepochs", "kl_coef",
+                                           "kl_target", "kl_horizon", "virtual_ranks", "seed")},
+              "evaluate": {"num_eval": profile.num_eval, "seed": profile.seed, "policy_accuracy": 1}}
+    if profile.online and stage in ("labels", "reward", "policy", "evaluate"):  # the offline keys stay as they were
+        config[stage] = {**config[stage], "online_rounds": profile.online_rounds,
+                         "online_initial": profile.online_initial}
+    return config[stage]

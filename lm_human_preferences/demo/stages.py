@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lm_human_preferences import runs, train_policy, train_reward
+from lm_human_preferences import label_types, runs, train_policy, train_reward
+from lm_human_preferences.language import labels as label_files
 from lm_human_preferences.demo import corpus, labeler
 from lm_human_preferences.demo.evaluate import evaluate_policy, summarize_evaluation
 from lm_human_preferences.demo.markers import StageMarkers, remove_paths
@@ -91,18 +92,18 @@ def run_labels(ctx: DemoContext) -> dict:
     sampler = QuerySampler(task.query_dataset, "train", enc, task.query_length, task.start_text, task.end_text,
                            batch_size=64)
     generator = torch.Generator(device=ctx.device).manual_seed(profile.seed)
-    records, scores = labeler.collect_labels(policy, sampler, enc, task, profile.num_labels, score, generator,
+    n_train, n_heldout = profile.initial_comparisons, profile.heldout_comparisons  # online: part of the budget
+    records, scores = labeler.collect_labels(policy, sampler, enc, task, n_train + n_heldout, score, generator,
                                              np.random.default_rng(profile.seed))
-    n_train = profile.num_labels - profile.num_heldout
     labeler.write_labels(paths.labels, labeler.training_passes(records[:n_train], profile.rm_epochs)
                          + records[n_train:])
     best = scores[np.arange(len(scores)), [r["best"] for r in records]]
-    results = {"comparisons": len(records), "heldout": profile.num_heldout, "train_records": profile.num_train,
+    results = {"comparisons": len(records), "heldout": n_heldout, "train_records": profile.num_train,
                "mean_score": float(scores.mean()), "mean_best_score": float(best.mean()),
                "all_tied": float(np.mean(scores.max(1) == scores.min(1)))}
     ctx.log(f"  {len(records)} comparisons: mean VADER score of samples {results['mean_score']:+.3f}, of the chosen "
             f"best {results['mean_best_score']:+.3f}; all four tied (random pick) in {results['all_tied']:.0%}; "
-            f"{n_train} x {profile.rm_epochs} training records, {profile.num_heldout} held out")
+            f"{n_train} x {profile.rm_epochs} training records, {n_heldout} held out")
     return results
 
 
@@ -135,7 +136,10 @@ def run_policy(ctx: DemoContext) -> dict:
     keys = ("objective/score", "objective/kl", "objective/kl_coef")
     first = {k: plotting.curve(rows, k)[1][0] for k in keys}
     final = {k: float(np.mean(plotting.curve(rows, k)[1][-5:])) for k in keys}
-    return {"updates": hp.ppo.nupdates, "episodes": hp.ppo.total_episodes, "first": first, "final": final}
+    rounds = [{k[len("online/"):]: v for k, v in row.items() if k.startswith("online/")}
+              for row in rows if "online/round" in row]
+    return {"updates": hp.ppo.nupdates, "episodes": hp.ppo.total_episodes, "first": first, "final": final,
+            **({"online_rounds": rounds} if rounds else {})}
 
 
 def load_final_policy(ctx: DemoContext, hp: TrainPolicyHParams) -> Policy:
@@ -156,7 +160,7 @@ def run_evaluate(ctx: DemoContext) -> dict:
     enc = get_encoding("main")
     score = labeler.make_labeler()
     initial, final = initial_policy(task, ctx.device), load_final_policy(ctx, hp)
-    reward_model = runs.load_reward_model(str(paths.run.reward_model), n_vocab=enc.n_vocab,
+    reward_model = runs.load_reward_model(str(paths.final_reward_model(profile)), n_vocab=enc.n_vocab,
                                           padding_token=enc.padding_token, device=ctx.device)
     queries = torch.as_tensor(QuerySampler(task.query_dataset, "test", enc, task.query_length, task.start_text,
                                            task.end_text, batch_size=profile.num_eval).next_batch(), device=ctx.device)
@@ -168,8 +172,30 @@ def run_evaluate(ctx: DemoContext) -> dict:
     seed = 1000 + profile.seed
     results = {"num_queries": len(queries), "initial": evaluate(initial, seed),
                "initial_reseeded": evaluate(initial, seed + 1), "final": evaluate(final, seed)}
+    # the reward model PPO ended against, on best-of-4 comparisons of the final policy's own samples (VADER's pick)
+    sampler = QuerySampler(task.query_dataset, "test", enc, task.query_length, task.start_text, task.end_text,
+                           batch_size=64)
+    generator = torch.Generator(device=ctx.device).manual_seed(seed + 2)
+    records, _ = labeler.collect_labels(final, sampler, enc, task, profile.num_eval, score, generator,
+                                        np.random.default_rng(seed + 2))
+    results["final_policy_rm_accuracy"] = policy_samples_accuracy(reward_model, records, task, enc, ctx.device)
     ckpt.atomic_write_json(paths.evaluation, results)
     return summarize_evaluation(results)
+
+
+@torch.no_grad()
+def policy_samples_accuracy(reward_model, records: list, task, enc, device: torch.device) -> float:
+    """How often `reward_model` ranks VADER's pick first among best-of-4 `records` (float32)."""
+    label_type = label_types.get_label_type("best_of_4")
+    arrays = label_files.records_to_arrays(records, label_type.name, query_length=task.query_length,
+                                           response_length=task.response_length, n_vocab=enc.n_vocab,
+                                           padding_token=enc.padding_token)
+    n, correct = len(records), 0.0
+    for start in range(0, n, 64):
+        batch = {k: v[start:start + 64] for k, v in arrays.items()}
+        _, stats = train_reward.label_batch_loss(reward_model, label_type, batch, device)
+        correct += float(stats["accuracy"]) * len(batch["best"])
+    return correct / n
 
 
 STAGE_FUNCTIONS = {"corpus": run_corpus, "pretrain": run_pretrain, "labels": run_labels, "reward": run_reward,
@@ -180,9 +206,41 @@ STAGE_TITLES = {"corpus": "prepare the fortunes corpus", "pretrain": "pretrain a
                 "evaluate": "evaluate initial and final policy on held-out queries"}
 
 
+class SplitMarkers:
+    """The markers of the shared stages (corpus, pretrain) in the work directory and of the RLHF stages in their own
+    directory (the online variant's), used as one StageMarkers over all stages."""
+
+    def __init__(self, paths: DemoPaths):
+        self.parts = [StageMarkers(paths.work, STAGES[:len(STAGES) - len(RLHF_STAGES)]),
+                      StageMarkers(paths.rlhf_dir, RLHF_STAGES)]
+
+    def _of(self, stage: str) -> StageMarkers:
+        return next((m for m in self.parts if stage in m.stages), self.parts[0])
+
+    def path(self, stage: str) -> Path:
+        return self._of(stage).path(stage)
+
+    def status(self, stage, config):
+        return self._of(stage).status(stage, config)
+
+    def mark_done(self, stage, config, outputs, **kwargs):
+        return self._of(stage).mark_done(stage, config, outputs, **kwargs)
+
+    def invalidate_from(self, stage: str) -> None:
+        for later in STAGES[STAGES.index(stage):]:
+            self.path(later).unlink(missing_ok=True)
+
+
+def stage_markers(paths: DemoPaths):
+    """One StageMarkers over the work directory, or SplitMarkers when the RLHF stages have their own directory."""
+    if paths.rlhf_dir.resolve() == Path(paths.work).resolve():
+        return StageMarkers(paths.work, STAGES)
+    return SplitMarkers(paths)
+
+
 def run_stages(ctx: DemoContext, *, restart: bool = False) -> dict:
     """Runs every stage that is not cached, in order; returns {stage: marker} for all stages."""
-    markers = StageMarkers(ctx.paths.work, STAGES)
+    markers = stage_markers(ctx.paths)
     if restart:
         markers.invalidate_from(RLHF_STAGES[0])
     markers_by_stage = {}
