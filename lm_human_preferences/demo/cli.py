@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from lm_human_preferences.demo import corpus, labeler
-from lm_human_preferences.demo.profiles import PROFILES, DemoPaths, task_binds
+from lm_human_preferences.demo.profiles import PROFILES, DemoPaths, policy_hparams, task_binds
 from lm_human_preferences.demo.report import format_report, write_report
 from lm_human_preferences.demo.stages import DemoContext, DemoInterrupted, run_stages
 from lm_human_preferences.utils.dist import resolve_device
@@ -23,6 +23,7 @@ from lm_human_preferences.utils.files import unwritable
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "static" / "demo"
 DEFAULT_CACHE = DEFAULT_OUT / "cache"
+ONLINE_ROUNDS = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "pretrained model stay cached)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     parser.add_argument("--seed", type=int, default=None, help="seed of the RLHF stages (default 1)")
+    parser.add_argument("--online", action="store_true",
+                        help="the online variant: the same training label budget and PPO episodes, but half the "
+                             "comparisons labeled from the initial policy and the rest in --online_rounds rounds "
+                             "sampled from the current policy during PPO, the reward model retrained each round "
+                             "(its stages are cached in <cache_dir>/<profile>/online; outputs default to "
+                             "<default out>/online)")
+    parser.add_argument("--online_rounds", type=int, default=ONLINE_ROUNDS,
+                        help=f"online rounds with --online (default {ONLINE_ROUNDS})")
     return parser
 
 
@@ -52,10 +61,19 @@ def main(argv: Optional[list] = None) -> int:
     profile = PROFILES["fast" if args.fast else "full"]
     if args.seed is not None:
         profile = replace(profile, seed=args.seed)
+    if args.online:
+        profile = replace(profile, online_rounds=args.online_rounds)
     cache_dir = args.cache_dir.expanduser().resolve()
-    out = (args.out or (cache_dir / profile.name / "report" if args.fast else DEFAULT_OUT)).expanduser().resolve()
-    paths = DemoPaths(work=cache_dir / profile.name, out=out)
+    variant = "online" if args.online else None
+    default_out = cache_dir / profile.name / "report" if args.fast else DEFAULT_OUT
+    out = (args.out or (default_out / variant if variant else default_out)).expanduser().resolve()
+    paths = DemoPaths(work=cache_dir / profile.name, out=out,
+                      rlhf=cache_dir / profile.name / variant if variant else None)
     try:  # every input, before any stage runs
+        if args.online:
+            if args.online_rounds < 1:
+                raise ValueError(f"--online_rounds must be >= 1, got {args.online_rounds}")
+            policy_hparams(profile, paths, "cpu")  # the budget splits into the rounds, the rounds fit the updates
         labeler.make_labeler()
         task = task_binds(profile, paths)
         corpus.check_corpus(args.corpus_dir, window=profile.pretrain.n_ctx + 1, query_length=profile.query_length,
@@ -69,7 +87,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ctx = DemoContext(profile=profile, paths=paths, corpus_dir=args.corpus_dir, device=device)
-    ctx.log(f"offline RLHF demo ({profile.name}); stage cache {paths.work}, outputs {paths.out}")
+    ctx.log(f"{variant or 'offline'} RLHF demo ({profile.name}); stage cache {paths.rlhf_dir}, outputs {paths.out}")
     t0 = time.time()
     try:
         markers = run_stages(ctx, restart=args.restart)

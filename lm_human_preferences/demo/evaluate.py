@@ -50,4 +50,6 @@ def summarize_evaluation(results: dict) -> dict:
             "final": strip(final), "score_rise": final["score"] - initial["score"],
             "score_rise_stderr": math.hypot(final["score_stderr"], initial["score_stderr"]),
             "seed_difference": reseeded["score"] - initial["score"],
-            "seed_difference_stderr": math.hypot(reseeded["score_stderr"], initial["score_stderr"])}
+            "seed_difference_stderr": math.hypot(reseeded["score_stderr"], initial["score_stderr"]),
+            # the final reward model's accuracy on VADER-labeled best-of-4 comparisons of the final policy's samples
+            "final_policy_rm_accuracy": results.get("final_policy_rm_accuracy")}

@@ -39,7 +39,7 @@ def curve_specs(kl_target: Optional[float], epoch_steps: Optional[int] = None, e
 
 
 def plot_demo(reward_metrics: Path, policy_metrics: Path, out_dir: Path, kl_target: Optional[float],
-              epoch_steps: Optional[int] = None, epochs: int = 1) -> list[Path]:
+              epoch_steps: Optional[int] = None, epochs: int = 1, title: Optional[str] = None) -> list[Path]:
     """Writes score.png, kl.png, kl_coef.png, reward_loss.png and overview.png (all four) into out_dir.
 
     epoch_steps/epochs mark the reward model's passes over its labels on the loss curve."""
@@ -65,7 +65,7 @@ def plot_demo(reward_metrics: Path, policy_metrics: Path, out_dir: Path, kl_targ
                         bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
         plotting.save(fig, out_dir / spec["file"], dpi=110)
         paths.append(out_dir / spec["file"])
-    overview.suptitle("Offline RLHF demo: VADER-labelled best-of-4 comparisons -> reward model -> PPO")
+    overview.suptitle(title or "Offline RLHF demo: VADER-labelled best-of-4 comparisons -> reward model -> PPO")
     plotting.save(overview, out_dir / "overview.png", dpi=100)
     paths.append(out_dir / "overview.png")
     return paths
@@ -92,8 +92,11 @@ def write_report(ctx: DemoContext, markers: dict) -> dict:
     paths, profile = ctx.paths, ctx.profile
     paths.out.mkdir(parents=True, exist_ok=True)
     plots = plot_demo(paths.run.reward_metrics, paths.run.policy_metrics, paths.out, profile.kl_target,
-                      epoch_steps=(profile.num_labels - profile.num_heldout) // profile.rm_batch_size,
-                      epochs=profile.rm_epochs)
+                      epoch_steps=profile.initial_comparisons // profile.rm_batch_size,
+                      epochs=profile.rm_epochs,
+                      title=None if not profile.online else
+                      f"Online RLHF demo: {profile.online_rounds} rounds of VADER labels on the current policy's "
+                      f"samples (loss: the initial reward model)")
     evaluation = json.loads(paths.evaluation.read_text())
     plots.append(plot_scores([s["score"] for s in evaluation["initial"]["samples"]],
                              [s["score"] for s in evaluation["final"]["samples"]], paths.out / "labeler_score.png"))
@@ -118,7 +121,9 @@ def write_report(ctx: DemoContext, markers: dict) -> dict:
 def format_report(summary: dict, out: Path, n_examples: int = 3) -> str:
     """The printed summary: stage times, the before/after numbers, a few samples and where the plots are."""
     ev, rm = summary["evaluation"], summary["reward_model"]
-    lines = ["", "=" * 78, f"Offline RLHF demo ({summary['profile']}): results on {ev['num_queries']} held-out queries",
+    variant = "Online" if summary["settings"].get("online_rounds") else "Offline"
+    lines = ["", "=" * 78,
+             f"{variant} RLHF demo ({summary['profile']}): results on {ev['num_queries']} held-out queries",
              "=" * 78, "wall time per stage (s): " + ", ".join(f"{s} {v['seconds']:.0f}"
                                                             for s, v in summary["stages"].items())
              + f"; total {summary['total_seconds']:.0f}"]
@@ -130,9 +135,17 @@ def format_report(summary: dict, out: Path, n_examples: int = 3) -> str:
     lines.append(f"KL(final || initial)    {ev['final']['kl']:.2f} +- {ev['final']['kl_stderr']:.2f} nats per response "
                  f"(target {summary['settings']['kl_target']:g}; final beta "
                  f"{summary['ppo']['final']['objective/kl_coef']:.3f})")
-    lines.append(f"reward model held-out accuracy {rm['heldout_accuracy']:.1%} on {rm['heldout_count']:.0f} "
-                 f"best-of-4 labels (chance {rm['chance_accuracy']:.0%}); loss {rm['first_loss']:.3f} -> "
-                 f"{rm['final_loss']:.3f} (ln 4 = 1.386)")
+    if rm.get("heldout_accuracy") is not None:
+        lines.append(f"reward model held-out accuracy {rm['heldout_accuracy']:.1%} on {rm['heldout_count']:.0f} "
+                     f"best-of-4 labels (chance {rm['chance_accuracy']:.0%}); loss {rm['first_loss']:.3f} -> "
+                     f"{rm['final_loss']:.3f} (ln 4 = 1.386)")
+    if ev.get("final_policy_rm_accuracy") is not None:
+        lines.append(f"final reward model's accuracy on the final policy's own best-of-4 samples (VADER's pick): "
+                     f"{ev['final_policy_rm_accuracy']:.1%} (chance 25%)")
+    for r in summary["ppo"].get("online_rounds", []):
+        lines.append(f"online round {r['round']:.0f}: {r['labels']:.0f} label records, accuracy on the round's "
+                     f"comparisons {r.get('accuracy_before', float('nan')):.1%} before retraining, "
+                     f"{r.get('accuracy_after', float('nan')):.1%} after")
     for i in range(min(n_examples, len(summary["samples"]["initial"]))):
         a, b = summary["samples"]["initial"][i], summary["samples"]["final"][i]
         lines += ["", f"query:   {a['query']}", f"initial: {a['response']!r}  [VADER {a['score']:+.2f}]",
