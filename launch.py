@@ -11,6 +11,7 @@
     python launch.py plot <run_dir> [--out DIR]
     python launch.py label {collect,add-labeler,admin-token,serve,status,export} ...   (see: launch.py label --help)
     python launch.py export {policy,reward} <run_dir> --out DIR [--overwrite]
+    python launch.py evaluate <run_dir> [--against RUN_B|initial] [--num N] [--human-store FILE] | --report-human FILE
 
 ``label`` collects comparisons from a policy into a labeling store, serves the labeling web app to people and
 exports their labels as a label file for ``train_reward`` (lm_human_preferences/labeling/cli.py). ``export`` writes
@@ -37,7 +38,7 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import params
-from lm_human_preferences import demo, export, runs, sample, train_policy, train_reward
+from lm_human_preferences import demo, evaluate, export, runs, sample, train_policy, train_reward
 from lm_human_preferences.labeling import cli as label_cli
 from lm_human_preferences.utils import dist, plotting
 from lm_human_preferences.utils.alloc import keep_freed_memory
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser('export', add_help=False, help="a run's policy or reward model as a Hugging Face "
                         'transformers directory (see: launch.py export --help)')
+    commands.add_parser('evaluate', add_help=False, help='evaluate a run (against another run or its initial '
+                        'model), and human preference rates (see: launch.py evaluate --help)')
     commands.add_parser('demo', add_help=False, help='the end-to-end demo; arguments go to the demo '
                         '(see: launch.py demo --help)')
 
@@ -236,6 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return demo.main(argv[1:]) or 0
         if argv and argv[0] == 'export':
             return export.main(argv[1:])
+        if argv and argv[0] == 'evaluate':
+            return evaluate.main(argv[1:])
         args = build_parser().parse_args(argv)
         if args.command == 'label':
             return label_cli.run(args, reward_experiment)

@@ -9,7 +9,9 @@ A run directory (`<save_dir>/<run name>`, `RunDir`):
     train_reward_hparams.json    train_reward_metrics.jsonl    reward_model/{model.safetensors, hparams.json, encoding}
     train_policy_hparams.json    train_policy_metrics.jsonl    policy/{hparams.json, encoding, checkpoints/step-N/{model.safetensors, optimizer.pt, state.json,
                                                          sampler.json, rng-vrank<v>.pt}}
+    training_samples.jsonl (held-out samples over training, run.sample_interval)
     samples.jsonl (written by `sample`)    plots/*.png (written by `plot`)    wandb/ (wandb's own files)
+    eval.json (written by `evaluate`, its default --out)
     .lmhp_run (the marker: this project made the directory)    .lmhp_lock (locked by the process using it)
 
 One process at a time trains in a run directory (rank 0 under torchrun holds `.lmhp_lock`), and `--overwrite`
@@ -80,6 +82,8 @@ class RunDir:
     policy = property(lambda self: self.path / "policy")
     checkpoints = property(lambda self: self.path / "policy" / "checkpoints")
     samples = property(lambda self: self.path / "samples.jsonl")  # written by `sample`
+    evaluation = property(lambda self: self.path / "eval.json")  # written by `evaluate` (its default --out)
+    training_samples = property(lambda self: self.path / "training_samples.jsonl")  # by train_policy
     plots = property(lambda self: self.path / "plots")  # written by `plot`
     marker = property(lambda self: self.path / RUN_MARKER)
     lock = property(lambda self: self.path / LOCK_FILE)
@@ -87,7 +91,7 @@ class RunDir:
     def outputs(self) -> list:
         """Everything the training commands write here; any of them present means a run exists."""
         return [self.policy, self.reward_model, self.reward_model_tmp, self.policy_metrics, self.reward_metrics,
-                self.policy_hparams, self.reward_hparams]
+                self.policy_hparams, self.reward_hparams, self.training_samples]
 
     def check_new_or(self, *, resume: bool, overwrite: bool):
         """FileExistsError if a run is already here and neither --resume nor --overwrite was given."""
@@ -103,7 +107,8 @@ class RunDir:
 
     def own_names(self) -> set:
         """The names this project writes at the top of a run directory."""
-        return {p.name for p in (*self.outputs(), self.samples, self.plots, self.marker, self.lock)} | {
+        return {p.name for p in (*self.outputs(), self.samples, self.evaluation, self.plots, self.marker,
+                                 self.lock)} | {
             self.reward_model.name + ".old", "wandb"}
 
     def foreign_entries(self) -> list:
