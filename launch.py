@@ -8,7 +8,7 @@
     python launch.py sample <run_dir> [--temperature T] [--nsamples N] [--batch_size B] [--seed S]
                             [--score|--no-score] [--out PATH]
     python launch.py demo [demo arguments ...]
-    python launch.py plot <run_dir> [--out DIR]
+    python launch.py plot <run_dir> [--out DIR] [--samples FIRST:LAST]
     python launch.py label {collect,add-labeler,admin-token,serve,status,export} ...   (see: launch.py label --help)
     python launch.py export {policy,reward} <run_dir> --out DIR [--overwrite]
     python launch.py evaluate <run_dir> [--against RUN_B|initial] [--num N] [--human-store FILE] | --report-human FILE
@@ -38,7 +38,7 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import params
-from lm_human_preferences import demo, evaluate, export, runs, sample, train_policy, train_reward
+from lm_human_preferences import demo, evaluate, export, runs, sample, train_policy, train_reward, training_samples
 from lm_human_preferences.labeling import cli as label_cli
 from lm_human_preferences.utils import dist, plotting
 from lm_human_preferences.utils.alloc import keep_freed_memory
@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser('plot', help='plot the logged metrics of a run')
     p.add_argument('run_dir', help='directory of a train_reward or train_policy run')
     p.add_argument('--out', default=None, help='output directory for the figures (default: <run_dir>/plots)')
+    p.add_argument('--samples', metavar='FIRST:LAST', default=None,
+                   help='instead of figures, print the samples over training (training_samples.jsonl) of updates '
+                        'FIRST to LAST, both included (50:, :100, : or a single update N work too), as a markdown '
+                        'table')
 
     label_cli.add_parser(commands)
     return parser
@@ -248,6 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == 'sample':
             sample.main(run_dir=run_dir, temperature=args.temperature, nsamples=args.nsamples,
                         batch_size=args.batch_size, seed=args.seed, score=args.score, out=args.out)
+        elif args.samples is not None:
+            training_samples.show(run_dir, args.samples)
         else:
             run = runs.RunDir(run_dir)
             plotting.plot_run(run_dir, {'policy': run.policy_metrics, 'reward': run.reward_metrics},

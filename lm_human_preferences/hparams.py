@@ -55,12 +55,17 @@ class RunHParams(HParams):
     train_micro_batch: Optional[int] = None  # per-rank gradient-accumulation chunk; None = whole minibatch
     compile: bool = False  # wrap the model in torch.compile
     eval_interval: int = 0  # reward model: held-out evaluation every N steps; 0 = only at the end
+    # PPO: sample the first `sample_queries` test-mode queries every N updates, at update 0 and at the last, into
+    # <run>/training_samples.jsonl (and a wandb table); 0 = off. Its own random numbers: the run is unchanged
+    sample_interval: int = 50
+    sample_queries: int = 16  # PPO: how many held-out queries those samples use (unused by reward training)
 
     def _validate(self, prefix: str) -> None:
         for name in ('log_interval', 'save_interval', 'keep_checkpoints', 'rollout_micro_batch',
-                     'train_micro_batch'):
+                     'train_micro_batch', 'sample_queries'):
             self._require_at_least(prefix, name, 1)
         self._require_at_least(prefix, 'eval_interval', 0)
+        self._require_at_least(prefix, 'sample_interval', 0)
 
 
 @dataclass

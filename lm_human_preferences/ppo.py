@@ -153,13 +153,15 @@ def var_explained(val_error: torch.Tensor, returns_var: torch.Tensor) -> torch.T
 
 def step_stats(*, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, non_score_reward: torch.Tensor,
                scores: torch.Tensor, kl_coef: float, train_stats: Sequence[Stats],
-               reduce_fn: Optional[Callable[[Stats], Stats]] = None) -> Stats:
+               reduce_fn: Optional[Callable[[Stats], Stats]] = None, diagnostics: Optional[Stats] = None) -> Stats:
     """The per-PPO-step stats of ORIGINAL §10.4: objective/{kl,kl_coef,entropy,score,score_total}, ppo/<each
-    ppo_loss stat> averaged over the minibatches, and ppo/val/var_explained.
+    ppo_loss stat> averaged over the minibatches, and ppo/val/var_explained; plus `diagnostics` (0-d tensors
+    under new names, e.g. lm_tasks.response_diagnostics), when given.
 
     logprobs/ref_logprobs/non_score_reward (B, T) are the rollout's, scores (B,) the penalized scores,
     train_stats one ppo_loss stats dict per minibatch. reduce_fn (e.g. an all-reduce mean over ranks) is
-    applied before var_explained, as in the original.
+    applied before var_explained, as in the original; the diagnostics go through it in a call of their own, so
+    the original's statistics are reduced exactly as without them.
     """
     if not train_stats:
         raise ValueError("step_stats needs the stats of at least one minibatch in train_stats")
@@ -181,6 +183,12 @@ def step_stats(*, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, non_score_
     if reduce_fn is not None:
         stats = reduce_fn(stats)
     stats["ppo/val/var_explained"] = var_explained(stats["ppo/val/error"], stats["ppo/returns/var"])
+    if diagnostics:
+        clash = sorted(set(diagnostics) & set(stats))
+        if clash:
+            raise ValueError(f"diagnostics must not reuse the names of the original's statistics: {clash}")
+        extra = {k: torch.as_tensor(v, device=device).detach().float() for k, v in diagnostics.items()}
+        stats.update(reduce_fn(extra) if reduce_fn is not None else extra)
     return stats
 
 

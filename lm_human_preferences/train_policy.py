@@ -4,7 +4,8 @@ One update, in the original's order: sample -> reference logprobs -> score (trun
 per-token rewards with the current beta -> noptepochs x nminibatches of PPO -> stats (all-reduced) -> KL controller
 update -> log -> checkpoint. The run is defined on `virtual_ranks` ranks (the original's MPI ranks) whatever the
 number of processes: each virtual rank reads its own queries, samples with its own stream, permutes its own rows
-and whitens its own minibatch; gradients and statistics are averaged over all of them.
+and whitens its own minibatch; gradients and statistics are averaged over all of them. Every run.sample_interval
+updates rank 0 also samples a fixed set of held-out queries with random numbers of its own (training_samples.py).
 """
 import contextlib
 import errno
@@ -19,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lm_human_preferences import online as online_rounds
-from lm_human_preferences import ppo, runs, train_reward
+from lm_human_preferences import lm_tasks, ppo, runs, train_reward, training_samples
 from lm_human_preferences.hparams import TrainPolicyHParams
 from lm_human_preferences.language.datasets import QuerySampler
 from lm_human_preferences.language.fused import store_linears_in
@@ -121,7 +122,8 @@ class PPOTrainer:
 
     def update(self, queries, data) -> dict:
         """Per-token rewards with the current beta, noptepochs x nminibatches of PPO, statistics (all-reduced and
-        checked to be finite), then the KL controller's update; returns the statistics."""
+        checked to be finite; with the diagnostics of the post-processed responses when `data` holds them), then
+        the KL controller's update; returns the statistics."""
         hp, info = self.hp, self.info
         kl_coef = self.kl_ctl.value
         rewards, non_score_reward, _ = ppo.compute_rewards(data["scores"], data["logprobs"], data["ref_logprobs"],
@@ -134,10 +136,13 @@ class PPOTrainer:
         train_stats = ppo_train(self.ddp_policy, self.optimizer, rollouts, orders, ppo_hp=hp.ppo, lr=lr,
                                 nminibatches=hp.ppo.nminibatches, n_groups=len(self.vranks),
                                 micro_batch=hp.run.train_micro_batch, device=info.device, precision=self.precision)
+        diagnostics = None if "postprocessed" not in data else lm_tasks.response_diagnostics(
+            data["postprocessed"], hp.task.truncate_token, hp.task.truncate_after, n_groups=len(self.vranks))
         stats = ppo.step_stats(logprobs=data["logprobs"], ref_logprobs=data["ref_logprobs"],
                                non_score_reward=non_score_reward, scores=data["scores"], kl_coef=kl_coef,
                                train_stats=train_stats,
-                               reduce_fn=lambda st: dist.all_reduce_mean_tensors(st, info.device))
+                               reduce_fn=lambda st: dist.all_reduce_mean_tensors(st, info.device),
+                               diagnostics=diagnostics)
         stats = {k: float(v) for k, v in stats.items()}
         stats["ppo/lr"] = lr
         bad = nonfinite_statistic(stats)
@@ -393,9 +398,10 @@ def train(hp: TrainPolicyHParams, *, resume=False, overwrite=False):
 
 def run(trainer: PPOTrainer, *, resumed_from=None, state=None, resume=False, signals=None):
     """PPO on a built trainer (restored from checkpoint `resumed_from` with its `state`), from its global_step to
-    the last update: log every update, checkpoint every run.save_interval updates and at the end; returns the run
-    directory. SIGTERM/SIGINT (recorded by `signals`, or by this call's own SignalFlag) stop it after the current
-    update with a checkpoint."""
+    the last update: log every update, checkpoint every run.save_interval updates and at the end, sample the
+    held-out queries every run.sample_interval updates (training_samples); returns the run directory.
+    SIGTERM/SIGINT (recorded by `signals`, or by this call's own SignalFlag) stop it after the current update with
+    a checkpoint."""
     hp, info, latest = trainer.hp, trainer.info, resumed_from
     run_dir = RunDir(hp.run.save_dir) if hp.run.save_dir else None
     wandb_id = state.get("wandb_id") if state else None
@@ -413,6 +419,7 @@ def run(trainer: PPOTrainer, *, resumed_from=None, state=None, resume=False, sig
             ckpt.remove_stale_tmp(run_dir.checkpoints)
             with writing(run_dir.policy_metrics):
                 ckpt.truncate_metrics(run_dir.policy_metrics, trainer.global_step)
+            training_samples.truncate(run_dir.training_samples, trainer.global_step)  # even with sampling off now
             runs.write_policy_metadata(run_dir, hp, trainer.policy, runs.encoding_name(hp.task.policy.initial_model),
                                        info.device)
     logger = Logger(is_main=info.is_main, metrics_path=run_dir.policy_metrics if run_dir else None,
@@ -428,6 +435,7 @@ def run(trainer: PPOTrainer, *, resumed_from=None, state=None, resume=False, sig
                dynamic_ncols=True)
     saved_at = trainer.global_step if latest is not None else None
     try:
+        samples = training_samples.TrainingSamples.for_run(trainer, run_dir, logger) if info.is_main else None
         with contextlib.nullcontext(signals) if signals is not None else SignalFlag() as signals:
             while trainer.global_step < trainer.nupdates:
                 k = online.due(trainer.global_step) if online is not None else None
@@ -439,6 +447,8 @@ def run(trainer: PPOTrainer, *, resumed_from=None, state=None, resume=False, sig
                         online.run_round(trainer, k, signals, logger)
                     except online_rounds.OnlineStop:
                         raise StopRequested()
+                if samples is not None and samples.due(trainer.global_step):  # rank 0, its own random numbers
+                    samples.record(trainer, logger)
                 stats, data = trainer.step()
                 logger.log(stats, trainer.global_step)
                 if info.is_main and trainer.global_step % hp.run.log_interval == 0:
@@ -459,6 +469,8 @@ def run(trainer: PPOTrainer, *, resumed_from=None, state=None, resume=False, sig
                               f"{trainer.global_step} of {trainer.nupdates}; {where}. Resume with the same command "
                               f"plus --resume", file=sys.stderr)
                     raise StopRequested()
+            if samples is not None and samples.due(trainer.global_step):  # the final policy
+                samples.record(trainer, logger)
     except StopRequested:
         pass
     finally:

@@ -282,9 +282,10 @@ def save_error(step: int, root, error: OSError) -> CheckpointSaveError:
 
 # ---- run directories ---------------------------------------------------------------------------------------
 
-def truncate_metrics(path, below_step: int):
+def truncate_metrics(path, below_step: int, key: str = "step"):
     """Rewrites a metrics JSONL file keeping only whole records with step < below_step (a resumed run appends
-    after them, so a kill between logging and checkpointing leaves no duplicated or torn records)."""
+    after them, so a kill between logging and checkpointing leaves no duplicated or torn records); `key` names
+    the records' step field ('update' in training_samples.jsonl)."""
     path = Path(path)
     if not path.is_file():
         return
@@ -297,6 +298,6 @@ def truncate_metrics(path, below_step: int):
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < below_step:
+            if isinstance(record, dict) and isinstance(record.get(key), int) and record[key] < below_step:
                 kept.append(line)
     atomic_write_bytes(path, b"".join(kept))

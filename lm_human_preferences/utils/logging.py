@@ -4,7 +4,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 from lm_human_preferences.utils.files import append_all, writing
 
@@ -33,6 +33,7 @@ class Logger:
         self.wandb_run = None
         self.metrics_path = None
         self.wandb_id = wandb_id
+        self._sample_rows = []  # every row of the samples table so far (log_samples)
         if not is_main:
             return
         if metrics_path is not None:
@@ -63,6 +64,22 @@ class Logger:
                 append_all(f, (json.dumps(record) + "\n").encode())
         if self.wandb_run is not None:
             self.wandb_run.log(stats, step=step)
+
+    def log_samples(self, records: List[dict], step: int, columns: Sequence[str], key: str = "training_samples"):
+        """Logs sample records (dicts with the keys `columns`) to wandb as one table under `key`, holding every
+        record logged so far (and those of `add_sample_history`), so that one table shows them all keyed by their
+        update column; a no-op without wandb (and on ranks other than 0)."""
+        if self.wandb_run is None:
+            return
+        import wandb
+        self._sample_rows.extend([record.get(c) for c in columns] for record in records)
+        self.wandb_run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in self._sample_rows])},
+                           step=step)
+
+    def add_sample_history(self, records: List[dict], columns: Sequence[str]):
+        """Records logged before a resume: the next `log_samples` table starts with them; a no-op without wandb."""
+        if self.wandb_run is not None:
+            self._sample_rows.extend([record.get(c) for c in columns] for record in records)
 
     def finish(self):
         if self.wandb_run is not None:
