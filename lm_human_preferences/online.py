@@ -194,8 +194,9 @@ class OnlineRounds:
             if info.is_main and (time.time() - last_said >= 60 or waited == 0 or last_said == start):
                 last_said = time.time()
                 print(f"online round {k}: waiting for answers, {done} of {need} so far ({len(uids)} comparisons in "
-                      f"{self.store_path}); labelers answer at the app: launch.py label serve --store "
-                      f"{self.store_path} (links: launch.py label add-labeler --store {self.store_path} NAME)")
+                      f"{self.store_path}); labelers answer in the app: launch.py label serve --store "
+                      f"{self.store_path} (http://127.0.0.1:8000 by default; each labeler's link: launch.py label "
+                      f"add-labeler --store {self.store_path} NAME)")
             time.sleep(online.poll_seconds)
 
     def _initial_records(self) -> list:
