@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = REPO / "static" / "demo" / "cache"  # the demo's own stage cache (git-ignored)
 RLHF_STAGES = ("labels", "reward", "policy", "evaluate")
 
 
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", choices=("fast", "full"), default="fast")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--online_rounds", type=int, default=4)
-    parser.add_argument("--cache_dir", type=Path, default=Path("/tmp/online_vs_offline"))
+    parser.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE,
+                        help="the demo's stage cache (default: the demo's own, so pretraining is shared)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows and the table here")
     parser.add_argument("--plot", type=Path, default=None,
                         help="write the plot here (e.g. static/online_vs_offline.png)")
